@@ -1,0 +1,66 @@
+"""The FastAPI application factory: `create_app(settings)`; `tandem api` runs it under uvicorn."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq.connections import ArqRedis
+from fastapi import FastAPI
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from api import errors
+from api.hub import Hub
+from api.limits import BodyLimit
+from api.metrics import ApiMetrics
+from api.routes import State, router
+from shared.logs import setup_logging
+from shared.settings import Settings
+from shared.store import Store
+from workers.registry import load_registry
+from workers.settings import serialize
+
+
+def redis_clients(settings: Settings) -> tuple[ArqRedis, Redis]:
+    """A bounded command pool for the whole process, and one connection for the hub."""
+    common = {
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": 2.0,
+        "health_check_interval": 0,
+    }
+    pool = BlockingConnectionPool.from_url(
+        settings.effective_redis_url, max_connections=settings.redis_pool_size, timeout=5, **common
+    )
+    commands = ArqRedis(connection_pool=pool, job_serializer=serialize)
+    # No socket timeout on the hub's connection: it waits for announcements for as long as it likes.
+    hub = Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2.0, single_connection_client=False)
+    return commands, hub
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    setup_logging(settings)
+    registry = load_registry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        commands, hub_client = redis_clients(settings)
+        store = Store(commands, settings)
+        hub = Hub(hub_client, f"{settings.key_prefix}:hub")
+        await hub.start()
+        app.state.tandem = State(settings, commands, store, hub, registry, ApiMetrics())
+        # Long-lived start-up objects need not be scanned by every full collection (tail latency).
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await commands.aclose()
+
+    app = FastAPI(title="tandem", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    errors.install(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

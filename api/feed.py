@@ -1,0 +1,99 @@
+"""One SSE connection's view of a stream: feeds the pacer from announcements and catch-up reads.
+
+Per source the feed remembers `after`, the last entry handed to the pacer. An announcement whose
+`prev` is `after` is appended directly; anything else (a resume, a gap, a reconnect, a full
+buffer) marks the source `behind`, and the next `fill` reads from Redis after `after`, in
+batches. So the feed never holds more than about one batch per source, however long the stream,
+and never loses or repeats an entry: entries go to the pacer strictly in id order.
+B's entries are not read at all while A is still going; only B's completion is noted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.cursor import Cursor
+from shared.events import Announcement, Event, event_from_entry
+from shared.keys import SOURCES, Source
+from shared.pacing import Pacer
+from shared.store import Store
+from api.waker import Waker
+
+
+class Feed:
+    __slots__ = ("_store", "_stream_id", "_batch", "pacer", "waker", "_after", "_behind", "_dirty", "_closed", "b_completed_at")
+
+    def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
+        self._store = store
+        self._stream_id = stream_id
+        self._batch = batch
+        self.pacer = pacer
+        self.waker = Waker()
+        # Position per source: everything up to `after` has gone to the pacer (or to the client).
+        self._after: dict[str, str] = {"a": "0-0", "b": "0-0"}
+        self._closed: dict[str, bool] = {"a": False, "b": False}  # terminal entry already taken
+        if cursor.source == "a":
+            self._after["a"] = cursor.entry
+        elif cursor.source == "b":
+            self._closed["a"] = True
+            self._after["b"] = cursor.entry
+        self._behind: dict[str, bool] = {"a": True, "b": True}  # history may exist: read first
+        self._dirty: dict[str, bool] = {"a": False, "b": False}
+        self.b_completed_at: float | None = None  # loop time B's completion was noticed (metrics)
+
+    def _wanted(self, source: str) -> bool:
+        if self._closed[source]:
+            return False
+        return source == "a" or self.pacer.a_finished
+
+    # -- from the hub --------------------------------------------------------------------------
+
+    def on_announcement(self, ann: Announcement) -> None:
+        src = ann.source
+        if self._closed[src]:
+            return
+        if src == "b" and not self.pacer.b_complete and any(f.get("type") != "delta" for _, f in ann.entries):
+            self.pacer.b_completed()
+            self.b_completed_at = asyncio.get_running_loop().time()
+            self.waker.set()
+        self._dirty[src] = True
+        if self._behind[src] or not self._wanted(src) or ann.prev != self._after[src]:
+            self._behind[src] = True
+        elif self.pacer.pending(src) + len(ann.entries) > self._batch:
+            self._behind[src] = True  # the pacer is full: read these later, from Redis
+        else:
+            self._take(src, [event_from_entry(src, eid, f) for eid, f in ann.entries])
+        self.waker.set()
+
+    def on_resync(self) -> None:
+        for src in SOURCES:
+            self._behind[src] = True
+            self._dirty[src] = True
+        self.waker.set()
+
+    # -- from the SSE loop ---------------------------------------------------------------------
+
+    def needs_fill(self) -> bool:
+        return any(
+            self._behind[s] and self._wanted(s) and self.pacer.pending(s) < self._batch // 2 for s in SOURCES
+        )
+
+    async def fill(self) -> None:
+        """Catch up from Redis where behind, for the sources the pacer wants now."""
+        for src in SOURCES:
+            while self._behind[src] and self._wanted(src) and self.pacer.pending(src) < self._batch // 2:
+                self._dirty[src] = False
+                rows = await self._store.read(self._stream_id, src, self._after[src], self._batch)
+                self._take(src, [event_from_entry(src, eid, f) for eid, f in rows])
+                if len(rows) < self._batch and not self._dirty[src]:
+                    # Read to the end, and nothing was announced meanwhile: live from here on.
+                    self._behind[src] = False
+
+    def _take(self, src: Source, events: list[Event]) -> None:
+        for event in events:
+            if self._closed[src]:
+                return
+            self.pacer.push(event)
+            self._after[src] = event.cursor.entry
+            if event.terminal:
+                self._closed[src] = True

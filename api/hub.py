@@ -1,0 +1,182 @@
+"""One pub/sub connection per API process, fanning announcements out to every open SSE stream.
+
+Why pub/sub and not one blocking XREAD over all open streams: an XREAD over N keys costs time in
+proportion to N on every call, in Redis and here (PERFORMANCE.md: 75% of a core at 5,000 slow
+streams). Workers announce each append on the stream's channel with the entries themselves, so
+the hub hands them to readers without any read; readers XRANGE only to catch up (a resume, a gap,
+a reconnect). The hub holds one connection; catch-up reads share the process's small pool. An
+open SSE connection holds none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.events import Announcement, parse_announcement
+
+log = logging.getLogger("tandem.hub")
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Listener(Protocol):
+    def on_announcement(self, ann: Announcement) -> None: ...
+    def on_resync(self) -> None: ...
+
+
+class Hub:
+    def __init__(self, redis: Redis, control_channel: str, confirm_timeout_s: float = 5.0) -> None:
+        self._redis = redis  # a client of its own: the pub/sub connection is held for good
+        self._control = control_channel
+        self._confirm_timeout = confirm_timeout_s
+        self._ps: PubSub | None = None
+        self._listeners: dict[str, set[Listener]] = {}
+        self._subscribed: set[str] = set()  # SUBSCRIBE sent on the current connection
+        self._confirmed: set[str] = set()  # and confirmed by Redis
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._to_unsubscribe: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.listeners = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tandem-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._ps is not None:
+            with contextlib.suppress(Exception):
+                await self._ps.aclose()
+        await self._redis.aclose()
+
+    async def subscribe(self, channel: str, listener: Listener) -> None:
+        """Register `listener`; returns once Redis confirmed the subscription, so nothing
+        announced after this returns can be missed. Raises ConnectionError when Redis is down."""
+        self._listeners.setdefault(channel, set()).add(listener)
+        self.listeners += 1
+        self._to_unsubscribe.discard(channel)
+        try:
+            if channel in self._confirmed:
+                return
+            if not self.connected.is_set() or self._ps is None:
+                raise RedisConnectionError("the hub is not connected to Redis")
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(channel, []).append(fut)
+            if channel not in self._subscribed:
+                self._subscribed.add(channel)
+                await self._ps.subscribe(channel)
+            await asyncio.wait_for(fut, self._confirm_timeout)
+        except BaseException:
+            self.unsubscribe(channel, listener)
+            raise
+
+    def unsubscribe(self, channel: str, listener: Listener) -> None:
+        group = self._listeners.get(channel)
+        if group is None or listener not in group:
+            return
+        group.discard(listener)
+        self.listeners -= 1
+        if not group:
+            del self._listeners[channel]
+            self._to_unsubscribe.add(channel)  # the hub's loop sends it; no task per stream
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if self._ps is None:
+                    await self._connect()
+                    backoff = 0.05
+                assert self._ps is not None
+                await self._flush_unsubscribes()
+                msg = await self._ps.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                if msg is not None:
+                    self._dispatch(msg)
+            except asyncio.CancelledError:
+                raise
+            except REDIS_DOWN as e:
+                if self.connected.is_set():
+                    log.warning("hub lost Redis, reconnecting", extra={"error": str(e)})
+                await self._drop()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:
+                log.exception("hub loop error")
+                await self._drop()
+                await asyncio.sleep(backoff)
+
+    async def _connect(self) -> None:
+        ps = self._redis.pubsub()
+        await ps.subscribe(self._control)
+        channels = list(self._listeners)
+        if channels:
+            await ps.subscribe(*channels)
+        self._ps = ps
+        self._subscribed = {self._control, *channels}
+        self._confirmed.clear()
+        self.connected.set()
+        if channels:
+            log.info("hub reconnected", extra={"channels": len(channels)})
+        # Anything announced while we were away is only in the streams: every listener catches up.
+        for group in list(self._listeners.values()):
+            for listener in list(group):
+                listener.on_resync()
+
+    async def _drop(self) -> None:
+        self.connected.clear()
+        ps, self._ps = self._ps, None
+        self._subscribed.clear()
+        self._confirmed.clear()
+        for futs in self._waiting.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(RedisConnectionError("Redis connection lost while subscribing"))
+        self._waiting.clear()
+        if ps is not None:
+            with contextlib.suppress(Exception):
+                await ps.aclose()
+
+    async def _flush_unsubscribes(self) -> None:
+        if not self._to_unsubscribe or self._ps is None:
+            return
+        gone = [c for c in self._to_unsubscribe if c not in self._listeners and c in self._subscribed]
+        self._to_unsubscribe.clear()
+        if gone:
+            self._subscribed.difference_update(gone)
+            self._confirmed.difference_update(gone)
+            await self._ps.unsubscribe(*gone)
+
+    def _dispatch(self, msg: dict[str, object]) -> None:
+        kind = msg.get("type")
+        raw = msg.get("channel")
+        channel = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if kind == "message":
+            group = self._listeners.get(channel)
+            if not group:
+                return
+            data = msg.get("data")
+            try:
+                ann = parse_announcement(data if isinstance(data, (bytes, str)) else b"")
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignored a malformed announcement", extra={"channel": channel})
+                return
+            for listener in list(group):
+                listener.on_announcement(ann)
+        elif kind == "subscribe":
+            if channel in self._subscribed:
+                self._confirmed.add(channel)
+            for fut in self._waiting.pop(channel, []):
+                if not fut.done():
+                    fut.set_result(None)

@@ -1,0 +1,28 @@
+"""Prometheus metrics of one API process (each replica is scraped on its own)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.streams_created = Counter("tandem_streams_created", "Streams created", registry=r)
+        self.open_streams = Gauge("tandem_open_streams", "SSE connections open now", registry=r)
+        self.events_sent = Counter("tandem_events_sent", "SSE events sent", ["source", "kind"], registry=r)
+        self.resumes = Counter("tandem_resumes", "SSE connections that resumed with Last-Event-ID", registry=r)
+        self.flush_reaction = Histogram(
+            "tandem_flush_reaction_seconds", "B completion noticed -> flushed A backlog sent", buckets=_FAST, registry=r
+        )
+        self.first_delta = Histogram(
+            "tandem_time_to_first_delta_seconds",
+            "connection start -> first delta sent",
+            buckets=(*_FAST, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.redis_errors = Counter("tandem_redis_errors", "Requests that failed because Redis did not answer", registry=r)
+        self.rejected = Counter("tandem_rejected", "Requests refused with an error response", ["code"], registry=r)

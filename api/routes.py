@@ -1,0 +1,293 @@
+"""HTTP endpoints: create, events (SSE), status, cancel, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Annotated, Any
+
+import orjson
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import ORJSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from shared.cursor import START, Cursor, CursorError
+from shared.events import Event
+from shared.keys import SOURCES, Source
+from shared.pacing import Pacer, Phase
+from shared.store import Store, is_terminal, now_ms, token_matches
+from api.errors import ApiError
+from api.feed import Feed
+from api.hub import REDIS_DOWN, Hub
+from api.metrics import ApiMetrics
+from api.schemas import CreateStream
+from api.sse import event_stream
+from shared.settings import Settings
+from workers.registry import Registry
+from workers.settings import JOB_NAME
+
+log = logging.getLogger("tandem.api")
+router = APIRouter()
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class State:
+    """What the routes need, built once in the app's lifespan."""
+
+    def __init__(self, settings: Settings, redis: ArqRedis, store: Store, hub: Hub, registry: Registry, metrics: ApiMetrics) -> None:
+        self.settings, self.redis, self.store, self.hub, self.registry, self.metrics = settings, redis, store, hub, registry, metrics
+
+
+def get_state(request: Request) -> State:
+    state: State = request.app.state.tandem
+    return state
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return None
+
+
+async def _authorized_meta(state: State, stream_id: str, token: str | None, authorization: str | None) -> dict[str, str]:
+    token = token or _bearer(authorization)
+    if not token:
+        raise ApiError(401, "token_required", "this stream needs its token: ?token=... or Authorization: Bearer ...")
+    meta = await state.store.meta(stream_id) if _ID.fullmatch(stream_id) else None
+    if meta is None:
+        raise ApiError(404, "stream_not_found", "no such stream (unknown id, or expired after retention)")
+    if not token_matches(meta, token):
+        raise ApiError(403, "token_invalid", "the token does not match this stream")
+    return meta
+
+
+# -- create ------------------------------------------------------------------------------------
+
+
+@router.post("/v1/streams", status_code=201)
+async def create_stream(body: CreateStream, state: StateDep, authorization: Annotated[str | None, Header()] = None) -> ORJSONResponse:
+    s = state.settings
+    if s.api_key is not None:
+        given = _bearer(authorization)
+        if not given:
+            raise ApiError(401, "api_key_required", "this server needs an API key: Authorization: Bearer <key>")
+        if not _consteq(given, s.api_key):
+            raise ApiError(403, "api_key_invalid", "the API key is not valid")
+    if len(body.prompt) > s.max_prompt_chars:
+        raise ApiError(422, "invalid_request", f"prompt: longer than {s.max_prompt_chars} characters (TANDEM_MAX_PROMPT_CHARS)")
+    tasks: dict[Source, tuple[str, dict[str, Any]]] = {}
+    for src in SOURCES:
+        spec = getattr(body, src)
+        name = spec.task if spec is not None else (s.default_task_a if src == "a" else s.default_task_b)
+        task = state.registry.get(name)
+        if task is None:
+            known = ", ".join(sorted(state.registry))
+            raise ApiError(422, "unknown_task", f"{src}.task: no task named {name!r}; known tasks: {known}", {"known": sorted(state.registry)})
+        try:
+            options = task.options.model_validate(spec.options if spec is not None else {})
+        except ValidationError as e:
+            details = [{"loc": [src, "options", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]} for e_ in e.errors()]
+            first = details[0]
+            raise ApiError(422, "invalid_options", f"{'.'.join(map(str, first['loc']))}: {first['msg']}", details) from None
+        tasks[src] = (name, options.model_dump(mode="json", exclude_unset=True))
+    pacing = {
+        "slow_interval_ms": s.default_slow_interval_ms,
+        "b_interval_ms": s.default_b_interval_ms,
+    }
+    if body.pacing is not None:
+        pacing |= body.pacing.model_dump(exclude_none=True)
+
+    created = await state.store.create(prompt=body.prompt, tasks=tasks, pacing=pacing)
+    try:
+        for src in SOURCES:
+            await state.redis.enqueue_job(
+                JOB_NAME, created.id, src, _job_id=state.store.keys.job_id(created.id, src), _queue_name=s.queue_name
+            )
+    except BaseException:
+        # Nothing half-created stays behind: the client gets 503 and no stream exists.
+        try:
+            await asyncio.shield(_undo_create(state, created.id))
+        except Exception:
+            log.warning("could not undo a half-created stream", extra={"stream": created.id})
+        raise
+    state.metrics.streams_created.inc()
+    log.info("stream created", extra={"stream": created.id, "a": tasks["a"][0], "b": tasks["b"][0]})
+    base = f"/v1/streams/{created.id}"
+    return ORJSONResponse(
+        {
+            "id": created.id,
+            "token": created.token,
+            "events_url": f"{base}/events?token={created.token}",
+            "status_url": f"{base}?token={created.token}",
+        },
+        status_code=201,
+    )
+
+
+async def _undo_create(state: State, stream_id: str) -> None:
+    k = state.store.keys
+    async with state.redis.pipeline(transaction=False) as p:
+        for src in SOURCES:
+            p.zrem(state.settings.queue_name, k.job_id(stream_id, src))
+            p.delete(f"arq:job:{k.job_id(stream_id, src)}")
+        await p.execute()
+    await state.store.delete(stream_id)
+
+
+def _consteq(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+@router.get("/v1/streams/{stream_id}/events", response_model=None)
+async def stream_events(
+    stream_id: str,
+    state: StateDep,
+    token: str | None = None,
+    last_event_id_q: Annotated[str | None, Query(alias="last_event_id")] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Response:
+    s, store = state.settings, state.store
+    meta = await _authorized_meta(state, stream_id, token, authorization)
+    raw = last_event_id if last_event_id is not None else last_event_id_q
+    cursor = START
+    if raw is not None and raw != "":
+        try:
+            cursor = Cursor.parse(raw)
+        except CursorError as e:
+            raise ApiError(400, "bad_last_event_id", str(e)) from None
+        await _check_cursor(store, stream_id, meta, cursor)
+        state.metrics.resumes.inc()
+        if cursor.source == "end":
+            return Response(status_code=204)
+    if state.hub.listeners >= s.max_streams_per_process:
+        raise ApiError(429, "too_many_streams", "this API process serves its maximum of open streams; retry", headers={"Retry-After": "1"})
+
+    pacing = orjson.loads(meta.get("pacing", "{}"))
+    a_state = meta.get("a_state") if cursor.source == "b" else None
+    pacer = Pacer(pacing.get("slow_interval_ms", 0) / 1000, pacing.get("b_interval_ms", 0) / 1000, a_state=a_state)
+    feed = Feed(store, stream_id, cursor, pacer, s.read_batch)
+    channel = store.keys.channel(stream_id)
+    await state.hub.subscribe(channel, feed)
+    try:
+        # B may have completed between the first read of the meta and the subscription.
+        b_state = await state.redis.hget(store.keys.meta(stream_id), "b_state")  # type: ignore[misc]
+        if b_state is not None and is_terminal(b_state.decode()):
+            pacer.b_completed()
+    except BaseException:
+        state.hub.unsubscribe(channel, feed)
+        raise
+
+    meta_doc = {
+        "id": stream_id,
+        "status": meta.get("status"),
+        "a": {"task": meta.get("a_task"), "state": meta.get("a_state")},
+        "b": {"task": meta.get("b_task"), "state": meta.get("b_state")},
+        "pacing": pacing,
+    }
+    metrics = state.metrics
+    metrics.open_streams.inc()
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
+    first = [True]
+
+    def on_close() -> None:
+        state.hub.unsubscribe(channel, feed)
+        metrics.open_streams.dec()
+
+    def on_events(items: list[Event | Phase], now: float) -> None:
+        for item in items:
+            if isinstance(item, Phase):
+                if item.phase == "flush" and feed.b_completed_at is not None:
+                    metrics.flush_reaction.observe(max(0.0, now - feed.b_completed_at))
+                continue
+            metrics.events_sent.labels(item.source, item.kind).inc()
+            if first[0] and item.kind == "delta":
+                first[0] = False
+                metrics.first_delta.observe(now - opened)
+
+    body = event_stream(feed, meta_doc, s.sse_retry_ms, on_close, on_events)  # type: ignore[arg-type]
+    return EventSourceResponse(
+        body,
+        ping=s.sse_ping_s,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping"),
+        send_timeout=s.sse_send_timeout_s,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        shutdown_grace_period=s.sse_shutdown_grace_s,
+    )
+
+
+async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], cursor: Cursor) -> None:
+    """A resume id must be one this stream issued: never someone else's position, never past the end."""
+    if cursor.source == "end":
+        if meta.get("status") not in ("completed", "failed", "cancelled"):
+            raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
+        return
+    src: Source = cursor.source  # type: ignore[assignment]
+    if src == "b" and not is_terminal(meta.get("a_state")):
+        raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
+    rows = await store.redis.xrange(store.keys.events(stream_id, src), min=cursor.entry, max=cursor.entry, count=1)
+    if not rows:
+        raise ApiError(400, "bad_last_event_id", "Last-Event-ID is not an event of this stream")
+
+
+# -- status and cancel -------------------------------------------------------------------------
+
+
+@router.get("/v1/streams/{stream_id}")
+async def stream_status(
+    stream_id: str, state: StateDep, token: str | None = None, authorization: Annotated[str | None, Header()] = None
+) -> ORJSONResponse:
+    meta = await _authorized_meta(state, stream_id, token, authorization)
+    return ORJSONResponse(await state.store.status(stream_id, meta))
+
+
+@router.delete("/v1/streams/{stream_id}")
+async def cancel_stream(
+    stream_id: str, state: StateDep, token: str | None = None, authorization: Annotated[str | None, Header()] = None
+) -> ORJSONResponse:
+    meta = await _authorized_meta(state, stream_id, token, authorization)
+    store = state.store
+    # Terminal `cancelled` entries first (readers see them at once), then arq stops the jobs.
+    await store.cancel(stream_id)
+    await state.redis.zadd(abort_jobs_ss, {store.keys.job_id(stream_id, src): now_ms() for src in SOURCES})
+    log.info("stream cancelled", extra={"stream": stream_id})
+    meta = await store.meta(stream_id) or meta
+    return ORJSONResponse(await store.status(stream_id, meta))
+
+
+# -- operations --------------------------------------------------------------------------------
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> ORJSONResponse:
+    try:
+        await asyncio.wait_for(state.redis.ping(), timeout=1.0)
+    except (*REDIS_DOWN, asyncio.TimeoutError):
+        return ORJSONResponse({"error": {"code": "redis_unavailable", "message": "Redis is not answering"}}, status_code=503)
+    if not state.hub.connected.is_set():
+        return ORJSONResponse({"error": {"code": "redis_unavailable", "message": "the live reader is reconnecting"}}, status_code=503)
+    return ORJSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

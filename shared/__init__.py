@@ -1,0 +1,1 @@
+"""What the API tier and the workers share: settings, keys, events, cursor, pacing, store."""

@@ -1,0 +1,147 @@
+"""The event model and both of its encodings: Redis stream fields and SSE bytes.
+
+A worker appends entries to ``<prefix>:{id}:a`` / ``:b`` with plain string fields (``type`` plus
+the fields of that type); the same entries travel on the stream's pub/sub channel as JSON, in the
+shape XRANGE returns them. The API turns an entry into an :class:`Event` and the event into the
+exact bytes of one SSE message. Nothing else in the project builds either format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from shared.cursor import END, Cursor
+from shared.keys import Source
+
+Kind = Literal["delta", "done", "error", "end"]
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
+Fields = dict[str, str]
+Entry = tuple[str, Fields]  # (redis entry id, fields)
+
+
+# -- Redis fields ------------------------------------------------------------------------------
+
+
+def delta_fields(text: str) -> list[str]:
+    return ["type", "delta", "text", text]
+
+
+def done_fields(tokens: int, extra: dict[str, Any] | None = None) -> list[str]:
+    """`extra` (usage, finish_reason, ...) is stored as one JSON field so the entry stays flat."""
+    out = ["type", "done", "tokens", str(tokens)]
+    if extra:
+        out += ["extra", orjson.dumps(extra).decode()]
+    return out
+
+
+def error_fields(code: str, message: str) -> list[str]:
+    return ["type", "error", "code", code, "message", message]
+
+
+def fields_dict(flat: Sequence[str]) -> Fields:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def state_after(fields: Fields) -> str:
+    """The source state a terminal entry leaves behind (mirrors the Lua in shared/store.py)."""
+    if fields.get("type") == "done":
+        return "done"
+    return "cancelled" if fields.get("code") == "cancelled" else "failed"
+
+
+def final_status(a_state: str, b_state: str) -> str:
+    """A stream's status once both sources are terminal (mirrors the Lua in shared/store.py)."""
+    if "cancelled" in (a_state, b_state):
+        return "cancelled"
+    if "failed" in (a_state, b_state):
+        return "failed"
+    return "completed"
+
+
+# -- pub/sub payload ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """One append as announced on a stream's channel: the entries, and the id before them."""
+
+    source: Source
+    prev: str
+    entries: list[Entry]
+
+
+def parse_announcement(payload: bytes | str) -> Announcement:
+    """Decode what the Lua scripts publish: {"s": source, "p": prev id, "e": [[id, [f, v, ...]], ...]}."""
+    doc = orjson.loads(payload)
+    source = doc["s"]
+    if source not in ("a", "b"):
+        raise ValueError(f"bad source in announcement: {source!r}")
+    return Announcement(source, doc["p"], [(eid, fields_dict(flat)) for eid, flat in doc["e"]])
+
+
+# -- SSE ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: Kind
+    source: str  # "a", "b", or "stream"
+    cursor: Cursor
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in ("done", "error")
+
+    def sse(self) -> bytes:
+        return sse_message(self.kind, self.data, str(self.cursor))
+
+
+def event_from_entry(source: Source, entry_id: str, fields: Fields) -> Event:
+    kind = fields.get("type")
+    cursor = Cursor(source, entry_id)
+    if kind == "delta":
+        return Event("delta", source, cursor, {"source": source, "text": fields.get("text", "")})
+    if kind == "done":
+        data: dict[str, Any] = {"source": source, "tokens": int(fields.get("tokens", "0"))}
+        if "extra" in fields:
+            data.update(orjson.loads(fields["extra"]))
+        return Event("done", source, cursor, data)
+    if kind == "error":
+        return Event(
+            "error",
+            source,
+            cursor,
+            {"source": source, "code": fields.get("code", "error"), "message": fields.get("message", "")},
+        )
+    raise ValueError(f"unknown entry type {kind!r} in {source} entry {entry_id}")
+
+
+def end_event(status: str) -> Event:
+    return Event("end", "stream", END, {"status": status})
+
+
+def sse_message(event: str | None, data: Any, event_id: str | None = None) -> bytes:
+    """One SSE message. JSON never contains a raw CR or LF, so `data` is always one line."""
+    out = b""
+    if event is not None:
+        out += b"event: " + event.encode() + b"\n"
+    if event_id is not None:
+        out += b"id: " + event_id.encode() + b"\n"
+    return out + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def sse_retry(ms: int) -> bytes:
+    return b"retry: %d\n\n" % ms
+
+
+def sse_comment(text: str = "ping") -> bytes:
+    return b": " + text.encode() + b"\n\n"
+
+
+def encode_all(items: Iterable[Event]) -> bytes:
+    return b"".join(e.sse() for e in items)

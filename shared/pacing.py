@@ -1,0 +1,153 @@
+"""The pacing rule, as a pure state machine: no I/O, no clock of its own.
+
+Inputs: the next event of A or B (``push``), "B has completed" (``b_completed``; known as soon as
+B's terminal entry is written, even while B's events are not wanted yet), and the time passed to
+``poll``. Output: what to send now and when to ask again.
+
+1. While B runs, at most one A delta per ``slow_interval``; A's done/error goes without waiting.
+2. Once B has completed, A's backlog goes at once, and the rest of A as it arrives.
+3. After A's terminal event, B's events, deltas spaced by ``b_interval``; then ``end``.
+
+The caller waits on "new input" with the returned deadline as timeout, so B's completion in the
+middle of a slow interval wakes it and the flush goes out then, not when the interval is over.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.events import Event, end_event, final_status, sse_message, state_after
+
+PhaseName = Literal["slow", "flush", "waiting", "b"]
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    phase: PhaseName
+
+    def sse(self) -> bytes:
+        return sse_message("phase", {"phase": self.phase})
+
+
+Item = Event | Phase
+_PHASES = {p: Phase(p) for p in ("slow", "flush", "waiting", "b")}
+
+
+class Pacer:
+    __slots__ = (
+        "slow_interval",
+        "b_interval",
+        "_a",
+        "_b",
+        "_b_complete",
+        "_a_state",
+        "_b_state",
+        "_next_a",
+        "_next_b",
+        "_phase",
+        "finished",
+    )
+
+    def __init__(
+        self,
+        slow_interval_s: float,
+        b_interval_s: float,
+        *,
+        a_state: str | None = None,
+        b_complete: bool = False,
+    ) -> None:
+        """`a_state`: A's terminal state when this connection starts past A (resume into B)."""
+        self.slow_interval = slow_interval_s
+        self.b_interval = b_interval_s
+        self._a: deque[Event] = deque()
+        self._b: deque[Event] = deque()
+        self._b_complete = b_complete
+        self._a_state = a_state  # set once A's terminal event has been emitted
+        self._b_state: str | None = None
+        self._next_a = float("-inf")
+        self._next_b = float("-inf")
+        self._phase: PhaseName | None = None
+        self.finished = False
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def push(self, event: Event) -> None:
+        (self._a if event.source == "a" else self._b).append(event)
+        if event.source == "b" and event.terminal:
+            self._b_complete = True
+
+    def b_completed(self) -> None:
+        self._b_complete = True
+
+    # -- state the feeder needs ----------------------------------------------------------------
+
+    def pending(self, source: str) -> int:
+        return len(self._a if source == "a" else self._b)
+
+    @property
+    def a_finished(self) -> bool:
+        return self._a_state is not None
+
+    @property
+    def b_complete(self) -> bool:
+        return self._b_complete
+
+    @property
+    def phase(self) -> PhaseName | None:
+        return self._phase
+
+    # -- output --------------------------------------------------------------------------------
+
+    def poll(self, now: float, limit: int = 1 << 30) -> tuple[list[Item], float | None]:
+        """Items due at `now` (at most `limit` events), and when to poll again (None: on input)."""
+        out: list[Item] = []
+        n = 0
+        while not self.finished and n < limit:
+            if self._a_state is None:
+                self._enter("flush" if self._b_complete else "slow", out)
+                if not self._a:
+                    return out, None
+                head = self._a[0]
+                if head.kind == "delta" and not self._b_complete and self.slow_interval > 0:
+                    if now < self._next_a:
+                        return out, self._next_a
+                    self._next_a = now + self.slow_interval
+                self._a.popleft()
+                out.append(head)
+                n += 1
+                if head.terminal:
+                    self._a_state = state_after_event(head)
+                    # B's events may not be loaded yet: let the caller read them before deciding
+                    # between "waiting" and "b".
+                    return out, now
+            else:
+                if not self._b:
+                    self._enter("waiting" if self._phase != "b" else "b", out)
+                    return out, None
+                self._enter("b", out)
+                head = self._b[0]
+                if head.kind == "delta" and self.b_interval > 0:
+                    if now < self._next_b:
+                        return out, self._next_b
+                    self._next_b = now + self.b_interval
+                self._b.popleft()
+                out.append(head)
+                n += 1
+                if head.terminal:
+                    self._b_state = state_after_event(head)
+                    out.append(end_event(final_status(self._a_state, self._b_state)))
+                    self.finished = True
+        return out, (None if self.finished else now)
+
+    def _enter(self, phase: PhaseName, out: list[Item]) -> None:
+        if self._phase != phase:
+            self._phase = phase
+            out.append(_PHASES[phase])
+
+
+def state_after_event(event: Event) -> str:
+    if event.kind == "done":
+        return "done"
+    return state_after({"type": "error", "code": str(event.data.get("code", ""))})

@@ -1,0 +1,65 @@
+"""Configuration, read once per process from ``TANDEM_*`` variables (and ``.env``) and passed in."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", env_file=".env", extra="ignore")
+
+    # Redis. Unset means: `tandem up` starts an embedded server; `api`/`worker` use DEFAULT_REDIS_URL.
+    redis_url: str | None = None
+    key_prefix: str = Field("tandem", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
+    redis_pool_size: int = Field(6, ge=2, le=64)  # command connections per process (the hub adds one)
+    redis_socket_timeout_s: float = Field(15.0, gt=0)
+
+    # SSE
+    sse_ping_s: float = Field(15.0, gt=0)
+    sse_retry_ms: int = Field(1000, ge=0)
+    sse_send_timeout_s: float = Field(30.0, gt=0)
+    sse_shutdown_grace_s: float = Field(3.0, ge=0)
+    read_batch: int = Field(512, ge=1, le=10_000)  # entries per catch-up XRANGE and per-source buffer cap
+
+    # Requests and limits
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_prompt_chars: int = Field(100_000, ge=1)
+    max_streams_per_process: int = Field(20_000, ge=1)  # open SSE connections; beyond: 429
+    api_key: str | None = None  # when set, POST /v1/streams needs `Authorization: Bearer <api_key>`
+
+    # Lifetimes
+    retention_s: int = Field(3600, ge=1)
+    max_stream_s: int = Field(3600, ge=1)  # longest a source may run; also arq's job timeout
+    max_source_events: int = Field(100_000, ge=2)
+    lease_s: float = Field(10.0, gt=0)
+
+    # Defaults for a create request that leaves them out
+    default_task_a: str = "simulated"
+    default_task_b: str = "simulated"
+    default_slow_interval_ms: int = Field(250, ge=0, le=60_000)
+    default_b_interval_ms: int = Field(0, ge=0, le=60_000)
+
+    # Workers
+    worker_max_jobs: int = Field(100, ge=1)
+    worker_poll_delay_s: float = Field(0.1, gt=0)  # also how often arq looks for aborted jobs
+    append_max_batch: int = Field(256, ge=1, le=10_000)  # most deltas in one XADD round trip
+    queue_name: str = "tandem:queue"
+    tasks: list[str] = []  # extra task import paths, "package.module:task"
+
+    # Logs
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = False
+
+    @field_validator("redis_url")
+    @classmethod
+    def _blank_is_unset(cls, v: str | None) -> str | None:
+        return v or None
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL

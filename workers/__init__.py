@@ -1,0 +1,1 @@
+"""The worker tier: arq settings, the job that runs one source, and the tasks."""
