@@ -1,0 +1,52 @@
+"""Fixtures: one private redis-server per test session (free port, temp dir), a unique key prefix
+per test, and real tandem processes on top of it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.redis_server import RedisServer
+from shared.settings import Settings
+from shared.store import Store
+from tests.harness import Stack, stack
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, prefix: str) -> Settings:
+    return Settings(redis_url=redis_server.url, key_prefix=prefix, queue_name=f"{prefix}:queue", _env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(redis: Redis, settings: Settings) -> Store:
+    return Store(redis, settings)
+
+
+@pytest.fixture
+def live(tmp_path: Path, redis_server: RedisServer) -> Iterator[Stack]:
+    """Two `tandem api` and two `tandem worker` processes on the session's Redis."""
+    with stack(tmp_path, redis_server, apis=2, workers=2) as s:
+        yield s
