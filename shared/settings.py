@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -50,6 +50,27 @@ class Settings(BaseSettings):
     append_max_batch: int = Field(256, ge=1, le=10_000)  # most deltas in one XADD round trip
     queue_name: str = "tandem:queue"
     tasks: list[str] = []  # extra task import paths, "package.module:task"
+
+    # -- OpenAI-compatible backends of the built-in `openai` task (workers/backends.py, docs/tasks.md) --
+    # The backend named "default" is TANDEM_OPENAI_BASE_URL + TANDEM_OPENAI_API_KEY (+ TANDEM_OPENAI_MODEL).
+    # TANDEM_BACKENDS adds named ones, as JSON; keys are read from the named variable on the worker:
+    #   {"fast": {"base_url": "http://vllm:8000/v1", "api_key_env": "FAST_KEY", "model": "optional default"}}
+    # API and workers must see the same backend names (the API rejects an unknown one with a 422).
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None  # default model of the "default" backend
+    backends: dict[str, dict[str, str | bool | None]] = {}
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=120.0, gt=0)  # longest wait for the response or between two chunks
+    upstream_retries: int = Field(default=2, ge=0, le=10)  # extra attempts, only while no token was produced
+    upstream_backoff_s: float = Field(default=0.5, ge=0)  # delay before the first retry; doubles on each one
+    upstream_backoff_max_s: float = Field(default=8.0, ge=0)  # cap on one delay, Retry-After included
+
+    # Worker observability: each worker serves its own /metrics (0 = off); if the port is taken (several
+    # workers on one host), the next free one of port+1..port+15 is used and shown by `tandem stats`.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "0.0.0.0"
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)  # how often a worker records itself for `tandem stats`
 
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -8,6 +8,7 @@ from typing import Any
 
 from shared.settings import Settings
 from workers.task import Task
+from workers.tasks.openai import make_task as make_openai_task
 from workers.tasks.simulated import TASK as SIMULATED
 
 ENTRY_POINT_GROUP = "tandem.tasks"
@@ -30,6 +31,7 @@ def load_registry(settings: Settings) -> Registry:
         registry[task.name] = task
 
     add(SIMULATED, "built-in simulated")
+    add(make_openai_task(settings), "built-in openai")  # its options know the configured backends
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         add(ep.load(), f"entry point {ep.value}")
     for path in settings.tasks:
