@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,9 +13,11 @@ from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from api import errors
+from api.demo import router as demo_router
 from api.hub import Hub
 from api.limits import BodyLimit
 from api.metrics import ApiMetrics
+from api.readers import ReaderCounts
 from api.routes import State, router
 from shared.logs import setup_logging
 from shared.settings import Settings
@@ -24,7 +28,9 @@ from workers.settings import serialize
 
 def redis_clients(settings: Settings) -> tuple[ArqRedis, Redis]:
     """A bounded command pool for the whole process, and one connection for the hub."""
+    name = f"tandem-api:{socket.gethostname()}:{os.getpid()}"  # CLIENT LIST shows who holds what
     common = {
+        "client_name": name,
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": 2.0,
         "health_check_interval": 0,
@@ -34,7 +40,7 @@ def redis_clients(settings: Settings) -> tuple[ArqRedis, Redis]:
     )
     commands = ArqRedis(connection_pool=pool, job_serializer=serialize)
     # No socket timeout on the hub's connection: it waits for announcements for as long as it likes.
-    hub = Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2.0, single_connection_client=False)
+    hub = Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2.0, client_name=name)
     return commands, hub
 
 
@@ -49,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = Store(commands, settings)
         hub = Hub(hub_client, f"{settings.key_prefix}:hub")
         await hub.start()
+        readers = ReaderCounts(commands, store.keys, hub)  # readers per stream, for `tandem ls`
+        await readers.start()
         app.state.tandem = State(settings, commands, store, hub, registry, ApiMetrics())
         # Long-lived start-up objects need not be scanned by every full collection (tail latency).
         gc.collect()
@@ -56,11 +64,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await readers.stop()
             await hub.stop()
             await commands.aclose()
 
     app = FastAPI(title="tandem", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     errors.install(app)
     app.include_router(router)
+    app.include_router(demo_router)  # the demo page at /
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -10,20 +10,21 @@ B's entries are not read at all while A is still going; only B's completion is n
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 from shared.cursor import Cursor
 from shared.events import Announcement, Event, event_from_entry
 from shared.keys import SOURCES, Source
 from shared.pacing import Pacer
-from shared.store import Store
+from shared.store import Store, is_terminal
 from api.waker import Waker
 
 
 class Feed:
     __slots__ = ("_store", "_stream_id", "_batch", "pacer", "waker", "_after", "_behind", "_dirty", "_closed", "b_completed_at")
 
-    def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
+    def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int, b_closed: bool = False) -> None:
+        """`cursor`: read strictly after it. `b_closed`: the cursor is B's terminal entry."""
         self._store = store
         self._stream_id = stream_id
         self._batch = batch
@@ -37,9 +38,10 @@ class Feed:
         elif cursor.source == "b":
             self._closed["a"] = True
             self._after["b"] = cursor.entry
+            self._closed["b"] = b_closed
         self._behind: dict[str, bool] = {"a": True, "b": True}  # history may exist: read first
         self._dirty: dict[str, bool] = {"a": False, "b": False}
-        self.b_completed_at: float | None = None  # loop time B's completion was noticed (metrics)
+        self.b_completed_at: float | None = None  # perf_counter() when B's completion was noticed (metrics)
 
     def _wanted(self, source: str) -> bool:
         if self._closed[source]:
@@ -54,7 +56,7 @@ class Feed:
             return
         if src == "b" and not self.pacer.b_complete and any(f.get("type") != "delta" for _, f in ann.entries):
             self.pacer.b_completed()
-            self.b_completed_at = asyncio.get_running_loop().time()
+            self.b_completed_at = time.perf_counter()  # not loop.time(): uvloop's has 1 ms resolution
             self.waker.set()
         self._dirty[src] = True
         if self._behind[src] or not self._wanted(src) or ann.prev != self._after[src]:
@@ -75,17 +77,18 @@ class Feed:
 
     def needs_fill(self) -> bool:
         return any(
-            self._behind[s] and self._wanted(s) and self.pacer.pending(s) < self._batch // 2 for s in SOURCES
+            self._behind[s] and self._wanted(s) and self.pacer.pending(s) < (self._batch + 1) // 2 for s in SOURCES
         )
 
     async def fill(self) -> None:
         """Catch up from Redis where behind, for the sources the pacer wants now."""
         for src in SOURCES:
-            while self._behind[src] and self._wanted(src) and self.pacer.pending(src) < self._batch // 2:
+            while self._behind[src] and self._wanted(src) and self.pacer.pending(src) < (self._batch + 1) // 2:
                 self._dirty[src] = False
-                rows = await self._store.read(self._stream_id, src, self._after[src], self._batch)
+                room = self._batch - self.pacer.pending(src)  # the pacer never holds more than a batch
+                rows = await self._store.read(self._stream_id, src, self._after[src], room)
                 self._take(src, [event_from_entry(src, eid, f) for eid, f in rows])
-                if len(rows) < self._batch and not self._dirty[src]:
+                if len(rows) < room and not self._dirty[src]:
                     # Read to the end, and nothing was announced meanwhile: live from here on.
                     self._behind[src] = False
 
@@ -97,3 +100,15 @@ class Feed:
             self._after[src] = event.cursor.entry
             if event.terminal:
                 self._closed[src] = True
+
+
+def start_point(cursor: Cursor, meta: dict[str, str]) -> tuple[Cursor, str | None, str | None]:
+    """Where a connection starts: (cursor, A's terminal state if it starts past A, B's if past B),
+    for the Pacer. A resume at a source's terminal entry starts past that source: at A's, B is
+    next; at B's, only `end` is left (else the reader would wait for a terminal it already has)."""
+    if cursor.source == "a" and cursor.entry == meta.get("a_last") and is_terminal(meta.get("a_state")):
+        cursor = Cursor("b", "0-0")
+    if cursor.source != "b":
+        return cursor, None, None
+    past_b = cursor.entry != "0-0" and cursor.entry == meta.get("b_last") and is_terminal(meta.get("b_state"))
+    return cursor, meta.get("a_state"), meta.get("b_state") if past_b else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Annotated, Any
 
 import orjson
@@ -17,12 +18,12 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from shared.cursor import START, Cursor, CursorError
-from shared.events import Event
+from shared.events import Event, state_after
 from shared.keys import SOURCES, Source
 from shared.pacing import Pacer, Phase
 from shared.store import Store, is_terminal, now_ms, token_matches
 from api.errors import ApiError
-from api.feed import Feed
+from api.feed import Feed, start_point
 from api.hub import REDIS_DOWN, Hub
 from api.metrics import ApiMetrics
 from api.schemas import CreateStream
@@ -164,21 +165,29 @@ async def stream_events(
     meta = await _authorized_meta(state, stream_id, token, authorization)
     raw = last_event_id if last_event_id is not None else last_event_id_q
     cursor = START
+    fields: dict[str, str] | None = None
     if raw is not None and raw != "":
         try:
             cursor = Cursor.parse(raw)
         except CursorError as e:
             raise ApiError(400, "bad_last_event_id", str(e)) from None
-        await _check_cursor(store, stream_id, meta, cursor)
+        fields = await _check_cursor(store, stream_id, meta, cursor)
         state.metrics.resumes.inc()
         if cursor.source == "end":
             return Response(status_code=204)
+    # Resuming right after a source's terminal event: that source is over for this connection.
+    a_state = meta.get("a_state") if cursor.source == "b" else None
+    b_state = None
+    if cursor.source == "a" and fields is not None and fields.get("type") != "delta":
+        a_state, cursor = state_after(fields), Cursor("b", "0-0")
+    elif cursor.source == "b" and fields is not None and fields.get("type") != "delta":
+        b_state = state_after(fields)
     if state.hub.listeners >= s.max_streams_per_process:
         raise ApiError(429, "too_many_streams", "this API process serves its maximum of open streams; retry", headers={"Retry-After": "1"})
 
     pacing = orjson.loads(meta.get("pacing", "{}"))
-    a_state = meta.get("a_state") if cursor.source == "b" else None
-    pacer = Pacer(pacing.get("slow_interval_ms", 0) / 1000, pacing.get("b_interval_ms", 0) / 1000, a_state=a_state)
+    cursor, a_state, b_state = start_point(cursor, meta)  # a resume at a terminal entry is past it
+    pacer = Pacer(pacing.get("slow_interval_ms", 0) / 1000, pacing.get("b_interval_ms", 0) / 1000, a_state=a_state, b_state=b_state)
     feed = Feed(store, stream_id, cursor, pacer, s.read_batch)
     channel = store.keys.channel(stream_id)
     await state.hub.subscribe(channel, feed)
@@ -212,7 +221,7 @@ async def stream_events(
         for item in items:
             if isinstance(item, Phase):
                 if item.phase == "flush" and feed.b_completed_at is not None:
-                    metrics.flush_reaction.observe(max(0.0, now - feed.b_completed_at))
+                    metrics.flush_reaction.observe(max(0.0, time.perf_counter() - feed.b_completed_at))
                 continue
             metrics.events_sent.labels(item.source, item.kind).inc()
             if first[0] and item.kind == "delta":
@@ -230,18 +239,24 @@ async def stream_events(
     )
 
 
-async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], cursor: Cursor) -> None:
-    """A resume id must be one this stream issued: never someone else's position, never past the end."""
+async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], cursor: Cursor) -> dict[str, str] | None:
+    """A resume id must be one this stream issued: never someone else's position, never past the end.
+    Returns the fields of the entry it names."""
     if cursor.source == "end":
         if meta.get("status") not in ("completed", "failed", "cancelled"):
             raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
-        return
+        return None
     src: Source = cursor.source  # type: ignore[assignment]
     if src == "b" and not is_terminal(meta.get("a_state")):
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
     rows = await store.redis.xrange(store.keys.events(stream_id, src), min=cursor.entry, max=cursor.entry, count=1)
     if not rows:
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is not an event of this stream")
+    return {_str(f): _str(v) for f, v in rows[0][1].items()}
+
+
+def _str(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
 
 
 # -- status and cancel -------------------------------------------------------------------------

@@ -57,15 +57,17 @@ class Pacer:
         *,
         a_state: str | None = None,
         b_complete: bool = False,
+        b_state: str | None = None,
     ) -> None:
-        """`a_state`: A's terminal state when this connection starts past A (resume into B)."""
+        """`a_state`: A's terminal state when this connection starts past A (resume into B);
+        `b_state`: B's, when it starts past B's terminal event too (only `end` is left)."""
         self.slow_interval = slow_interval_s
         self.b_interval = b_interval_s
         self._a: deque[Event] = deque()
         self._b: deque[Event] = deque()
-        self._b_complete = b_complete
+        self._b_complete = b_complete or b_state is not None
         self._a_state = a_state  # set once A's terminal event has been emitted
-        self._b_state: str | None = None
+        self._b_state = b_state
         self._next_a = float("-inf")
         self._next_b = float("-inf")
         self._phase: PhaseName | None = None
@@ -105,7 +107,10 @@ class Pacer:
         out: list[Item] = []
         n = 0
         while not self.finished and n < limit:
-            if self._a_state is None:
+            if self._a_state is not None and self._b_state is not None:
+                out.append(end_event(final_status(self._a_state, self._b_state)))
+                self.finished = True
+            elif self._a_state is None:
                 self._enter("flush" if self._b_complete else "slow", out)
                 if not self._a:
                     return out, None
@@ -124,6 +129,10 @@ class Pacer:
                     return out, now
             else:
                 if not self._b:
+                    if self._b_state is not None:  # started past B's terminal event
+                        out.append(end_event(final_status(self._a_state, self._b_state)))
+                        self.finished = True
+                        break
                     self._enter("waiting" if self._phase != "b" else "b", out)
                     return out, None
                 self._enter("b", out)
