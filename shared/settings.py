@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -46,10 +47,13 @@ class Settings(BaseSettings):
 
     # Workers
     worker_max_jobs: int = Field(100, ge=1)
-    worker_poll_delay_s: float = Field(0.1, gt=0)  # also how often arq looks for aborted jobs
+    worker_poll_delay_s: float = Field(0.02, gt=0)  # arq polls its queue (and the abort set) this often: job start latency
+    worker_drain_s: float = Field(default=8.0, ge=0)  # on SIGTERM, running sources get this long to finish; then worker_lost
+    orphan_s: float = Field(default=0.0, ge=0)  # cancel a running stream no SSE reader has had open for this long (0 = off)
     append_max_batch: int = Field(256, ge=1, le=10_000)  # most deltas in one XADD round trip
     queue_name: str = "tandem:queue"
-    tasks: list[str] = []  # extra task import paths, "package.module:task"
+    # Extra tasks by import path: "pkg.module:TASK,other.module:TASK" (or a JSON list).
+    tasks: Annotated[list[str], NoDecode] = []
 
     # -- OpenAI-compatible backends of the built-in `openai` task (workers/backends.py, docs/tasks.md) --
     # The backend named "default" is TANDEM_OPENAI_BASE_URL + TANDEM_OPENAI_API_KEY (+ TANDEM_OPENAI_MODEL).
@@ -75,6 +79,16 @@ class Settings(BaseSettings):
     # Logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = False
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_list(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
 
     @field_validator("redis_url")
     @classmethod
