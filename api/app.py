@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         commands, hub_client = redis_clients(settings)
         store = Store(commands, settings)
-        hub = Hub(hub_client, f"{settings.key_prefix}:hub")
+        hub = Hub(hub_client, store.keys.hub)
         await hub.start()
         readers = ReaderCounts(commands, store.keys, hub)  # readers per stream, for `tandem ls`
         await readers.start()

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from cli.ops import COMMANDS as OPS_COMMANDS
+from cli.ops import add_commands as add_ops_commands
+from cli.ops import run as run_ops
 from shared.settings import Settings
 
 
@@ -36,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="Redis (embedded when TANDEM_REDIS_URL is unset), workers and the API")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--data-dir", default=".tandem", help="where the embedded Redis keeps its files")
     up.add_argument("--demo", action="store_true", help="run one demo stream in the terminal, then stop everything")
@@ -53,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--url", default=os.environ.get("TANDEM_URL", "http://127.0.0.1:8000"))
     st.add_argument("--once", action="store_true", help="exit after one stream (no prompt for another)")
     _add_stream_args(st)
+    add_ops_commands(sub)  # ls, show, tail, stats, cancel
     return ap
 
 
@@ -102,8 +106,9 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float =
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from shared.redis_server import RedisServer
+    from shared.redis_server import RedisServer, free_port
 
+    port = args.port or free_port()
     env = dict(os.environ)
     redis = None
     if settings.redis_url is None:
@@ -115,14 +120,16 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     try:
         for _ in range(args.workers):
             procs.append(subprocess.Popen([*me, "worker"], env=env))
-        procs.append(subprocess.Popen([*me, "api", "--host", args.host, "--port", str(args.port)], env=env))
-        base = f"http://{args.host}:{args.port}"
+        procs.append(subprocess.Popen([*me, "api", "--host", args.host, "--port", str(port)], env=env))
+        base = f"http://{args.host}:{port}"
         _wait_ready(base, procs)
         print(f"tandem up: API at {base}, {args.workers} worker(s). Ctrl-C stops everything.", flush=True)
         if args.demo:
             from cli.stream import run_stream
 
             args.prompt, args.once = "Explain Redis streams", True
+            if args.b_text is None:
+                args.b_text = "Sources: [1] Redis streams introduction [2] the SSE specification, section 9.2"
             return asyncio.run(run_stream(args, base, settings.api_key))
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
@@ -152,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_worker(settings)
     if args.cmd == "up":
         return cmd_up(settings, args)
+    if args.cmd in OPS_COMMANDS:
+        return run_ops(args, settings)
     if args.cmd == "stream":
         from cli.stream import run_stream
 

@@ -50,9 +50,34 @@ class Keys:
         return f"{self.prefix}:streams"
 
     @property
+    def hub(self) -> str:
+        """Pub/sub channel every API hub subscribes to, so its pub/sub connection always exists."""
+        return f"{self.prefix}:hub"
+
+    @property
     def running(self) -> str:
         """ZSET: "<id>:<source>" members of running sources, scored by lease deadline (ms)."""
         return f"{self.prefix}:running"
+
+    # -- operations: who is alive, who reads what (tandem ls / stats) -------------------------
+
+    @property
+    def apis(self) -> str:
+        """ZSET: API process ids scored by heartbeat deadline (ms); past it, the process is gone."""
+        return f"{self.prefix}:apis"
+
+    def readers(self, api_id: str) -> str:
+        """HASH with a TTL: stream id -> SSE connections open now on one API process."""
+        return f"{self.prefix}:readers:{api_id}"
+
+    @property
+    def workers(self) -> str:
+        """ZSET: worker ids scored by their last heartbeat (ms)."""
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """STRING (JSON) with a TTL: one worker's heartbeat details."""
+        return f"{self.prefix}:worker:{worker_id}"
 
     def stream_id_from_key(self, key: str) -> str | None:
         head = f"{self.prefix}:{{"
