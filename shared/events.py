@@ -76,11 +76,15 @@ class Announcement:
 
 def parse_announcement(payload: bytes | str) -> Announcement:
     """Decode what the Lua scripts publish: {"s": source, "p": prev id, "e": [[id, [f, v, ...]], ...]}."""
-    doc = orjson.loads(payload)
-    source = doc["s"]
+    try:
+        doc = orjson.loads(payload)
+        source, prev, raw = doc["s"], doc["p"], doc["e"]
+        entries = [(eid, fields_dict(flat)) for eid, flat in raw]
+    except (KeyError, TypeError, IndexError) as e:  # always ValueError: the hub skips those
+        raise ValueError(f"malformed announcement: {e!r}") from None
     if source not in ("a", "b"):
         raise ValueError(f"bad source in announcement: {source!r}")
-    return Announcement(source, doc["p"], [(eid, fields_dict(flat)) for eid, flat in doc["e"]])
+    return Announcement(source, prev, entries)
 
 
 # -- SSE ---------------------------------------------------------------------------------------
@@ -109,7 +113,8 @@ def event_from_entry(source: Source, entry_id: str, fields: Fields) -> Event:
     if kind == "done":
         data: dict[str, Any] = {"source": source, "tokens": int(fields.get("tokens", "0"))}
         if "extra" in fields:
-            data.update(orjson.loads(fields["extra"]))
+            for k, v in orjson.loads(fields["extra"]).items():
+                data.setdefault(k, v)  # extra adds keys; it never replaces `source` or `tokens`
         return Event("done", source, cursor, data)
     if kind == "error":
         return Event(

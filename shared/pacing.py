@@ -129,10 +129,6 @@ class Pacer:
                     return out, now
             else:
                 if not self._b:
-                    if self._b_state is not None:  # started past B's terminal event
-                        out.append(end_event(final_status(self._a_state, self._b_state)))
-                        self.finished = True
-                        break
                     self._enter("waiting" if self._phase != "b" else "b", out)
                     return out, None
                 self._enter("b", out)

@@ -1,0 +1,125 @@
+"""The events route in-process (ASGI, real redis-server), with this test acting as the worker.
+
+httpx's ASGI transport returns a response once the app has sent all of it, so these tests read
+finished streams only: the response ends after `end`, or the test times out (a reader that would
+wait forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from api.app import create_app
+from shared.events import done_fields, error_fields
+from shared.settings import Settings
+from shared.store import Store
+from tests.client import parse_sse
+
+Event3 = tuple[str, str | None, dict[str, Any]]
+
+# FastAPI 0.165 deprecates ORJSONResponse (which api/ uses) with a UserWarning that pyproject's
+# DeprecationWarning filter does not cover; in-process, every JSON response would fail the test.
+pytestmark = pytest.mark.filterwarnings("ignore::fastapi.exceptions.FastAPIDeprecationWarning")
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings.model_copy(update={"sse_ping_s": 60.0}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tandem.test") as c:
+            yield c
+
+
+async def create(client: httpx.AsyncClient, **pacing: int) -> dict[str, Any]:
+    body = {"prompt": "p", "pacing": pacing or {"slow_interval_ms": 0, "b_interval_ms": 0}}
+    r = await client.post("/v1/streams", json=body)
+    assert r.status_code == 201, r.text
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+async def work(store: Store, sid: str, a: list[str], b: list[str], a_end: list[str], b_end: list[str]) -> None:
+    """What the workers would do."""
+    assert await store.start(sid, "a", "test") == "queued"
+    assert await store.start(sid, "b", "test") == "queued"
+    if a:
+        assert await store.append(sid, "a", a) == len(a)
+    await store.finish(sid, ["a"], a_end)
+    if b:
+        assert await store.append(sid, "b", b) == len(b)
+    await store.finish(sid, ["b"], b_end)
+
+
+async def read(client: httpx.AsyncClient, url: str, last_id: str | None = None) -> tuple[int, list[Event3], bytes]:
+    headers = {"Last-Event-ID": last_id} if last_id is not None else {}
+    async with asyncio.timeout(10):
+        r = await client.get(url, headers=headers)
+    msgs, rest = parse_sse(r.content)
+    assert rest == b""
+    return r.status_code, [(e or "", i, orjson.loads(d)) for e, i, d in msgs], r.content
+
+
+def with_ids(events: list[Event3]) -> list[Event3]:
+    return [e for e in events if e[1] is not None]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "a_end", "b_end", "status"),
+    [
+        (["Hel", "lo\n"], ["B1 ", "B2"], done_fields(2), done_fields(2), "completed"),
+        (["x"], [], error_fields("task_failed", "boom"), done_fields(0), "failed"),
+        ([], ["y"], done_fields(0), error_fields("cancelled", "c"), "cancelled"),
+    ],
+)
+async def test_resume_from_every_id(
+    client: httpx.AsyncClient, store: Store, a: list[str], b: list[str], a_end: list[str], b_end: list[str], status: str
+) -> None:
+    """Given any id received on the stream, the server sends everything after it and nothing at or
+    before it, and then ends the response. Regression: at A's or B's terminal id, the reader
+    waited forever."""
+    doc = await create(client)
+    await work(store, doc["id"], a, b, a_end, b_end)
+    code, events, raw = await read(client, doc["events_url"])
+    assert code == 200
+    assert events[0][0] == "meta"
+    full = with_ids(events)
+    assert full[-1] == ("end", "end", {"status": status})
+    assert "".join(e[2]["text"] for e in full if e[0] == "delta" and e[2]["source"] == "a") == "".join(a)
+    assert [e[2]["source"] for e in full if e[0] in ("done", "error")] == ["a", "b"]
+    assert raw.startswith(b"retry: ")
+    for k, (_, eid, _) in enumerate(full[:-1]):
+        code, again, _ = await read(client, doc["events_url"], eid)
+        assert code == 200, eid
+        assert again[0][0] == "meta"
+        assert with_ids(again) == full[k + 1 :], f"resumed after {eid}"
+        assert not any(e[0] == "phase" and e[2]["phase"] == "slow" for e in again)
+    # After `end`: 204, so an EventSource stops reconnecting.
+    code, again, _ = await read(client, doc["events_url"], "end")
+    assert code == 204 and again == []
+
+
+async def test_resume_by_query_parameter(client: httpx.AsyncClient, store: Store) -> None:
+    doc = await create(client)
+    await work(store, doc["id"], ["1", "2", "3"], ["4"], done_fields(3), done_fields(1))
+    _, events, _ = await read(client, doc["events_url"])
+    full = with_ids(events)
+    code, again, _ = await read(client, doc["events_url"] + f"&last_event_id={full[1][1]}")
+    assert code == 200 and with_ids(again) == full[2:]
+
+
+@pytest.mark.parametrize("bad", ["x-1-1", "a-01-1", "a-1", "b-0-0", "a-99999999999999-0", "end"])
+async def test_bad_last_event_id(client: httpx.AsyncClient, store: Store, bad: str) -> None:
+    """Malformed, not of this stream, or past the end of a running stream: 400 with a JSON error."""
+    doc = await create(client)
+    assert await store.start(doc["id"], "a", "test") == "queued"
+    await store.append(doc["id"], "a", ["x"])
+    r = await client.get(doc["events_url"], headers={"Last-Event-ID": bad})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "bad_last_event_id"

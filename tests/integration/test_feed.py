@@ -1,0 +1,550 @@
+"""api/feed.py + api/hub.py + shared/pacing.py on a real redis-server.
+
+Each test opens a Feed as the events route does (subscribe on the hub, then the SSE body of
+api/sse.py), writes A and B through the Store concurrently, and compares what the feed sent with
+what Redis holds: every entry exactly once, in order, then `end`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from api.feed import Feed, start_point
+from api.hub import Hub
+from api.sse import event_stream
+from shared.cursor import START, Cursor
+from shared.events import Event, done_fields, end_event, error_fields, event_from_entry
+from shared.keys import Source
+from shared.pacing import Pacer
+from shared.redis_server import RedisServer
+from shared.settings import Settings
+from shared.store import Store, is_terminal
+from tests.client import parse_sse
+from tests.integration.test_store import running_stream
+
+# -- tools -------------------------------------------------------------------------------------
+
+
+class CheckedPacer(Pacer):
+    """A Pacer that records the most events it ever held per source, and when each came in."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.max_pending = {"a": 0, "b": 0}
+        self.log: list[str] = []  # shared with a CountingStore to see the order of reads and pushes
+
+    def push(self, event: Event) -> None:
+        super().push(event)
+        self.log.append(f"push {event.source} {event.kind}")
+        src = event.source
+        self.max_pending[src] = max(self.max_pending[src], self.pending(src))
+
+
+class CountingStore(Store):
+    """Records every catch-up read: (source, after, count, rows returned)."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        super().__init__(redis, settings)
+        self.reads: list[tuple[str, str, int, int]] = []
+        self.log: list[str] = []
+
+    async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        self.log.append(f"read {source}")
+        rows = await super().read(stream_id, source, after, count)
+        self.reads.append((source, after, count, len(rows)))
+        return rows
+
+
+@dataclass
+class Message:
+    event: str
+    id: str | None
+    data: dict[str, Any]
+    chunk: int  # which yielded chunk (one pacer poll) it came in
+    t: float  # loop time the chunk was yielded
+
+
+@dataclass
+class Reader:
+    feed: Feed
+    pacer: CheckedPacer
+    messages: list[Message] = field(default_factory=list)
+
+    def events(self) -> list[tuple[str, str | None, dict[str, Any]]]:
+        return [(m.event, m.id, m.data) for m in self.messages if m.event not in ("meta", "phase")]
+
+    def phases(self) -> list[str]:
+        return [m.data["phase"] for m in self.messages if m.event == "phase"]
+
+
+async def open_reader(
+    hub: Hub,
+    store: Store,
+    sid: str,
+    cursor: Cursor = START,
+    *,
+    slow: float = 0.0,
+    b_gap: float = 0.0,
+    batch: int = 512,
+) -> Reader:
+    """What the events route does before it starts the body."""
+    meta = await store.meta(sid)
+    assert meta is not None
+    cursor, a_state, b_state = start_point(cursor, meta)
+    pacer = CheckedPacer(slow, b_gap, a_state=a_state, b_state=b_state)
+    feed = Feed(store, sid, cursor, pacer, batch)
+    await hub.subscribe(store.keys.channel(sid), feed)
+    b_state = await store.redis.hget(store.keys.meta(sid), "b_state")  # type: ignore[misc]
+    if b_state is not None and is_terminal(b_state.decode()):
+        pacer.b_completed()
+    return Reader(feed, pacer)
+
+
+async def run_reader(reader: Reader, hub: Hub, store: Store, sid: str, within: float = 20.0) -> Reader:
+    loop = asyncio.get_running_loop()
+    channel = store.keys.channel(sid)
+    body = cast(AsyncGenerator[bytes, None], event_stream(reader.feed, {"id": sid}, 1000, lambda: hub.unsubscribe(channel, reader.feed)))
+    buf = b""
+    n = 0
+    async with asyncio.timeout(within), aclosing(body) as chunks:
+        async for chunk in chunks:
+            buf += chunk
+            msgs, buf = parse_sse(buf)
+            now = loop.time()
+            reader.messages += [Message(e or "", i, orjson.loads(d), n, now) for e, i, d in msgs]
+            n += 1
+    assert buf == b""
+    return reader
+
+
+async def expected(store: Store, sid: str, cursor: Cursor = START) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """What a reader from `cursor` must get, from what Redis holds once both sources ended."""
+    meta = await store.meta(sid)
+    assert meta is not None and is_terminal(meta["a_state"]) and is_terminal(meta["b_state"])
+    out: list[Event] = []
+    for src in ("a", "b"):
+        if cursor.source == "b" and src == "a":
+            continue
+        after = cursor.entry if cursor.source == src else "0-0"
+        rows = await store.read(sid, src, after, 1_000_000)  # type: ignore[arg-type]
+        out += [event_from_entry(src, eid, f) for eid, f in rows]  # type: ignore[arg-type]
+    out.append(end_event(meta["status"]))
+    return [(e.kind, str(e.cursor), e.data) for e in out]
+
+
+async def write(
+    store: Store,
+    sid: str,
+    src: Source,
+    n: int,
+    *,
+    seed: int = 0,
+    max_batch: int = 5,
+    pause: float = 0.001,
+    delay: float = 0.0,
+    terminal: Sequence[str] | None = None,
+) -> None:
+    """Append `n` deltas in random batches with small pauses, then the terminal entry
+    (`terminal=[]`: none, the source goes on)."""
+    rng = random.Random(seed)
+    await asyncio.sleep(delay)
+    i = 0
+    while i < n:
+        k = min(n - i, rng.randint(1, max_batch))
+        assert await store.append(sid, src, [f"{src}{j} " for j in range(i, i + k)]) == k
+        i += k
+        await asyncio.sleep(pause * rng.random())
+    if terminal is None:
+        await store.finish(sid, [src], done_fields(n))
+    elif terminal:
+        await store.finish(sid, [src], list(terminal))
+
+
+def assert_shape(reader: Reader) -> None:
+    """meta first; deltas/done/error of A, then of B, then end last; phases in order."""
+    kinds = [m.event for m in reader.messages]
+    assert kinds[0] == "meta" and kinds[-1] == "end" and kinds.count("end") == 1
+    sources = [m.data["source"] for m in reader.messages if m.event in ("delta", "done", "error")]
+    assert sources == sorted(sources)
+    order = ["slow", "flush", "waiting", "b"]
+    ph = reader.phases()
+    assert ph == sorted(set(ph), key=order.index)
+
+
+@pytest.fixture
+async def hub(redis_server: RedisServer, prefix: str) -> AsyncIterator[Hub]:
+    h = Hub(Redis.from_url(redis_server.url, socket_connect_timeout=2.0), f"{prefix}:hub", confirm_timeout_s=3.0)
+    await h.start()
+    await asyncio.wait_for(h.connected.wait(), 5.0)
+    yield h
+    await h.stop()
+
+
+@pytest.fixture
+async def cstore(redis: Redis, settings: Settings) -> CountingStore:
+    return CountingStore(redis, settings)
+
+
+# -- fresh reads -------------------------------------------------------------------------------
+
+
+async def test_fresh_read_of_a_live_stream(hub: Hub, cstore: CountingStore) -> None:
+    store = cstore
+    sid = await running_stream(store)
+    reader = await open_reader(hub, store, sid)
+    reader.pacer.log = store.log
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await asyncio.gather(write(store, sid, "a", 300, seed=1), write(store, sid, "b", 80, seed=2))
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert_shape(reader)
+    assert reader.pacer.max_pending["a"] <= 512
+    assert hub.listeners == 0  # on_close unsubscribed
+    # B is neither read nor buffered before A has ended: only its completion is noted.
+    log = store.log
+    a_end = log.index("push a done")
+    assert "read b" not in log[:a_end] and "push b delta" not in log[:a_end] and "push b done" not in log[:a_end]
+
+
+async def test_fresh_read_of_a_finished_stream(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    await write(store, sid, "a", 40, pause=0)
+    await write(store, sid, "b", 10, pause=0, terminal=error_fields("task_failed", "boom"))
+    reader = await run_reader(await open_reader(hub, store, sid, slow=5.0), hub, store, sid)
+    assert reader.events() == await expected(store, sid)
+    assert reader.events()[-1] == ("end", "end", {"status": "failed"})
+    # B had completed: no slow phase, A's history in one go.
+    assert reader.phases() == ["flush", "b"]
+    assert_shape(reader)
+
+
+async def test_slow_then_flush_when_b_completes(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    reader = await open_reader(hub, store, sid, slow=0.04)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await write(store, sid, "a", 60, pause=0, max_batch=10)  # A is fast: a backlog builds
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    b_done_at = loop.time()
+    await store.finish(sid, ["b"], done_fields(0))
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert_shape(reader)
+    assert reader.phases() == ["slow", "flush", "b"]
+    msgs = reader.messages
+    flush = next(m for m in msgs if m.event == "phase" and m.data["phase"] == "flush")
+    slow_deltas = [m for m in msgs if m.event == "delta" and m.chunk < flush.chunk]
+    assert 3 <= len(slow_deltas) <= 12  # ~0.3 s / 0.04 s while B ran
+    gaps = [b.t - a.t for a, b in itertools.pairwise(slow_deltas)]
+    assert min(gaps) >= 0.035, gaps
+    # The flush goes out at once when B completes, with the whole backlog in the same send.
+    assert flush.t - b_done_at < 0.1
+    in_flush_chunk = [m for m in msgs if m.chunk == flush.chunk and m.event == "delta"]
+    assert len(in_flush_chunk) == 60 - len(slow_deltas)
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+async def test_resume_from_a_middle_cursor_while_live(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    await write(store, sid, "a", 50, pause=0)  # A is done...
+    rows = await store.read(sid, "a", "0-0", 1000)
+    cursor = Cursor("a", rows[20][0])
+    reader = await open_reader(hub, store, sid, cursor)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await write(store, sid, "b", 30, seed=3)  # ...B goes on while we read
+    await task
+    want = await expected(store, sid, cursor)
+    assert reader.events() == want
+    assert want[0][1] == f"a-{rows[21][0]}"
+    assert_shape(reader)
+
+
+async def test_resume_in_a_while_a_runs(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    await write(store, sid, "a", 30, pause=0, terminal=[])  # no terminal yet: A still running
+    rows = await store.read(sid, "a", "0-0", 1000)
+    cursor = Cursor("a", rows[-1][0])
+    reader = await open_reader(hub, store, sid, cursor)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await asyncio.sleep(0.05)
+    assert await store.append(sid, "a", ["late "]) == 1
+    await store.finish(sid, ["a"], done_fields(31))
+    await write(store, sid, "b", 5)
+    await task
+    assert reader.events() == await expected(store, sid, cursor)
+    assert reader.events()[0][2] == {"source": "a", "text": "late "}
+
+
+async def test_resume_from_a_b_cursor(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    await write(store, sid, "a", 10, pause=0, terminal=error_fields("task_failed", "x"))
+    await write(store, sid, "b", 20, pause=0, terminal=[])
+    rows = await store.read(sid, "b", "0-0", 1000)
+    cursor = Cursor("b", rows[7][0])
+    reader = await open_reader(hub, store, sid, cursor, slow=1.0)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await asyncio.sleep(0.05)
+    await write(store, sid, "b", 5, seed=4)
+    await task
+    want = await expected(store, sid, cursor)
+    assert reader.events() == want
+    assert all(e[2].get("source") != "a" for e in reader.events())
+    assert reader.events()[-1] == ("end", "end", {"status": "failed"})
+    assert "slow" not in reader.phases()
+
+
+async def test_resume_at_b_terminal_gets_only_end(hub: Hub, store: Store) -> None:
+    """Regression: a client that got B's `done` but not `end` resumed with B's terminal id; the
+    feed read nothing after it and the pacer waited forever for B's terminal event (keepalives
+    only). Fix: start_point() starts such a connection past B, and the Pacer sends just `end`."""
+    sid = await running_stream(store)
+    await write(store, sid, "a", 3, pause=0)
+    await write(store, sid, "b", 3, pause=0, terminal=error_fields("cancelled", "c"))
+    rows = await store.read(sid, "b", "0-0", 1000)
+    reader = await run_reader(await open_reader(hub, store, sid, Cursor("b", rows[-1][0])), hub, store, sid, within=5)
+    assert reader.events() == [("end", "end", {"status": "cancelled"})]
+
+
+async def test_resume_at_a_terminal_goes_on_with_b(hub: Hub, store: Store) -> None:
+    """Regression: a client that dropped while waiting for B (its last id: A's `done`) resumed
+    and waited forever: the feed looked for A's events after A's terminal one. Fix: start_point()
+    starts such a connection at B's beginning, past A."""
+    sid = await running_stream(store)
+    await write(store, sid, "a", 4, pause=0)
+    rows = await store.read(sid, "a", "0-0", 1000)
+    cursor = Cursor("a", rows[-1][0])
+    reader = await open_reader(hub, store, sid, cursor, slow=1.0)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid, within=5))
+    await asyncio.sleep(0.05)
+    await write(store, sid, "b", 6, seed=10)
+    await task
+    assert reader.events() == await expected(store, sid, Cursor("b", "0-0"))
+    assert reader.events()[0][2] == {"source": "b", "text": "b0 "}
+    assert reader.phases() in (["waiting", "b"], ["b"])
+
+
+@pytest.mark.parametrize(
+    ("where", "meta", "want"),
+    [
+        ("a-5-0", {"a_state": "running", "a_last": "5-0"}, ("a-5-0", None, None)),
+        ("a-4-0", {"a_state": "done", "a_last": "5-0"}, ("a-4-0", None, None)),
+        ("a-5-0", {"a_state": "done", "a_last": "5-0", "b_state": "running"}, ("b-0-0", "done", None)),
+        ("a-5-0", {"a_state": "failed", "a_last": "5-0", "b_state": "done", "b_last": "0-0"}, ("b-0-0", "failed", None)),
+        ("b-3-0", {"a_state": "done", "b_state": "running", "b_last": "3-0"}, ("b-3-0", "done", None)),
+        ("b-2-0", {"a_state": "done", "b_state": "done", "b_last": "3-0"}, ("b-2-0", "done", None)),
+        ("b-3-0", {"a_state": "cancelled", "b_state": "cancelled", "b_last": "3-0"}, ("b-3-0", "cancelled", "cancelled")),
+        ("a-0-0", {"a_state": "queued", "a_last": "0-0"}, ("a-0-0", None, None)),
+    ],
+)
+def test_start_point(where: str, meta: dict[str, str], want: tuple[str, str | None, str | None]) -> None:
+    cursor, a_state, b_state = start_point(Cursor.parse(where), meta)
+    assert (str(cursor), a_state, b_state) == want
+
+
+# -- gaps --------------------------------------------------------------------------------------
+
+
+async def test_gap_missed_announcements(hub: Hub, store: Store) -> None:
+    """Appends the feed never heard of (it was unsubscribed): the next announcement's `prev`
+    does not match, and the feed reads the gap from Redis."""
+    sid = await running_stream(store)
+    channel = store.keys.channel(sid)
+    reader = await open_reader(hub, store, sid)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await write(store, sid, "a", 10, pause=0, terminal=[])
+    await asyncio.sleep(0.05)
+    hub.unsubscribe(channel, reader.feed)
+    await write(store, sid, "a", 25, seed=5, pause=0, terminal=[])  # not heard
+    await hub.subscribe(channel, reader.feed)
+    await write(store, sid, "a", 10, seed=6, terminal=[])
+    await store.finish(sid, ["a"], done_fields(45))
+    await write(store, sid, "b", 10)
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert len([e for e in reader.events() if e[0] == "delta" and e[2]["source"] == "a"]) == 45
+
+
+async def test_gap_announcement_with_a_wrong_prev(hub: Hub, store: Store, redis: Redis) -> None:
+    """An announcement that does not follow what the feed has: its entries are not trusted;
+    the feed reads Redis instead, so nothing bogus goes out and nothing is lost."""
+    sid = await running_stream(store)
+    channel = store.keys.channel(sid)
+    reader = await open_reader(hub, store, sid)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await write(store, sid, "a", 5, pause=0, terminal=[])
+    await asyncio.sleep(0.05)
+    bogus = {"s": "a", "p": "1-0", "e": [["99999999999999-0", ["type", "delta", "text", "BOGUS"]]]}
+    await redis.publish(channel, orjson.dumps(bogus))
+    await write(store, sid, "a", 5, seed=7, pause=0)
+    await write(store, sid, "b", 5)
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert all(e[2].get("text") != "BOGUS" for e in reader.events())
+
+
+# -- long backlogs: memory stays bounded -------------------------------------------------------
+
+
+async def test_long_finished_backlog_larger_than_read_batch(hub: Hub, cstore: CountingStore) -> None:
+    store = cstore
+    sid = await running_stream(store)
+    await write(store, sid, "a", 700, pause=0, max_batch=50)
+    await write(store, sid, "b", 300, pause=0, max_batch=50)
+    reader = await run_reader(await open_reader(hub, store, sid, batch=16), hub, store, sid)
+    reads = list(store.reads)
+    assert reader.events() == await expected(store, sid)
+    assert reader.pacer.max_pending["a"] <= 16
+    assert reader.pacer.max_pending["b"] <= 16
+    assert all(count <= 16 for _, _, count, _ in reads)
+    assert len(reads) >= (700 + 300 + 2) // 16
+
+
+async def test_long_live_backlog_while_slow(hub: Hub, store: Store) -> None:
+    """A far ahead of a slow pacer: the feed must not buffer A's backlog beyond read_batch; the
+    rest stays in Redis until the pacer wants it."""
+    sid = await running_stream(store)
+    reader = await open_reader(hub, store, sid, slow=0.01, batch=16)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await write(store, sid, "a", 400, pause=0.001, max_batch=7)
+    await asyncio.sleep(0.3)
+    assert reader.pacer.max_pending["a"] <= 16
+    await store.finish(sid, ["b"], done_fields(0))
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert reader.pacer.max_pending["a"] <= 16
+
+
+async def test_live_batches_larger_than_read_batch(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    reader = await open_reader(hub, store, sid, batch=8)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await write(store, sid, "a", 200, max_batch=30)
+    await write(store, sid, "b", 100, max_batch=30)
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert max(reader.pacer.max_pending.values()) <= 8
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+async def test_tiny_read_batch(hub: Hub, store: Store, batch: int) -> None:
+    """Regression: with read_batch=1 the feed never read history (it filled only while
+    pending < read_batch // 2 == 0), so a reader of an existing stream waited forever."""
+    sid = await running_stream(store)
+    await write(store, sid, "a", 10, pause=0)
+    reader = await open_reader(hub, store, sid, batch=batch)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid, within=10))
+    await write(store, sid, "b", 10)
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert max(reader.pacer.max_pending.values()) <= batch
+
+
+# -- hub reconnect -----------------------------------------------------------------------------
+
+
+async def test_hub_reconnect_loses_nothing(hub: Hub, store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)
+    reader = await open_reader(hub, store, sid)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+
+    async def killer() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+
+    await asyncio.gather(write(store, sid, "a", 150, seed=8, pause=0.003), killer())
+    await write(store, sid, "b", 50, seed=9, pause=0.003)
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert_shape(reader)
+
+
+async def test_hub_reconnect_while_idle_then_terminal(hub: Hub, store: Store, redis: Redis) -> None:
+    """The connection drops, and the only append during the outage is the last one: the resync
+    after reconnecting must find it (no later announcement would reveal the gap)."""
+    sid = await running_stream(store)
+    await write(store, sid, "a", 5, pause=0)
+    await write(store, sid, "b", 5, pause=0, terminal=[])
+    reader = await open_reader(hub, store, sid)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await asyncio.sleep(0.1)
+    hub_client_dropped = hub.connected.is_set()
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+    await store.finish(sid, ["b"], done_fields(5))  # most likely during the outage
+    await task
+    assert hub_client_dropped
+    assert reader.events() == await expected(store, sid)
+
+
+class LateSubscribeRedis(Redis):
+    """A client whose pub/sub SUBSCRIBEs of stream channels reach Redis `late` seconds after the
+    caller was told they were sent: how a busy Redis may order them after other clients' commands."""
+
+    late = 0.0
+    pending: set[asyncio.Task[None]] = set()
+
+    def pubsub(self, **kwargs: Any) -> PubSub:
+        client = self
+
+        class LatePubSub(PubSub):
+            async def subscribe(self, *args: Any, **kw: Any) -> None:
+                if client.late <= 0 or any(str(a).endswith(":hub") for a in args):
+                    await super().subscribe(*args, **kw)
+                    return
+
+                async def later() -> None:
+                    await asyncio.sleep(client.late)
+                    await PubSub.subscribe(self, *args, **kw)
+
+                task = asyncio.create_task(later())
+                client.pending.add(task)
+                task.add_done_callback(client.pending.discard)
+
+        return LatePubSub(self.connection_pool, **kwargs)
+
+
+async def test_hub_resyncs_after_resubscribe_confirmed(redis_server: RedisServer, prefix: str, store: Store, redis: Redis) -> None:
+    """Regression: after a reconnect the hub told its listeners to catch up as soon as it had
+    *sent* SUBSCRIBE. A catch-up read that Redis served before the SUBSCRIBE took effect left the
+    feed live while appends were still unheard; if those were the last ones (no later
+    announcement reveals the gap) the reader waited forever. Fix: resync once Redis confirms."""
+    client = LateSubscribeRedis.from_url(redis_server.url, socket_connect_timeout=2.0)
+    assert isinstance(client, LateSubscribeRedis)
+    hub = Hub(client, f"{prefix}:hub", confirm_timeout_s=3.0)
+    await hub.start()
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 5.0)
+        sid = await running_stream(store)
+        await write(store, sid, "a", 5, pause=0, terminal=[])
+        reader = await open_reader(hub, store, sid)
+        task = asyncio.create_task(run_reader(reader, hub, store, sid, within=8))
+        await asyncio.sleep(0.1)
+        client.late = 0.4
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+        for _ in range(1000):  # the hub reconnected (and sent its SUBSCRIBE, held back)
+            if hub.connected.is_set() and hub._ps is not None:
+                break
+            await asyncio.sleep(0.005)
+        assert hub.connected.is_set()
+        await asyncio.sleep(0.1)  # the early catch-up read is done: nothing new yet
+        # Everything else happens before the SUBSCRIBE reaches Redis: no announcement is heard.
+        await write(store, sid, "a", 5, seed=11, pause=0)
+        await write(store, sid, "b", 5, seed=12, pause=0)
+        await task
+        assert reader.events() == await expected(store, sid)
+    finally:
+        await asyncio.gather(*LateSubscribeRedis.pending)
+        await hub.stop()

@@ -1,0 +1,473 @@
+"""shared/store.py on a real redis-server: the Lua scripts' writes, states, TTLs and announcements."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from shared.events import Announcement, done_fields, error_fields, parse_announcement
+from shared.keys import Source
+from shared.settings import Settings
+from shared.store import Store, token_matches
+
+PACING = {"slow_interval_ms": 250, "b_interval_ms": 0}
+
+
+async def new_stream(store: Store, prompt: str = "hello") -> str:
+    created = await store.create(
+        prompt=prompt,
+        tasks={"a": ("simulated", {"tokens": 3}), "b": ("simulated", {"text": "B text"})},
+        pacing=PACING,
+    )
+    return created.id
+
+
+async def running_stream(store: Store) -> str:
+    sid = await new_stream(store)
+    assert await store.start(sid, "a", "w1") == "queued"
+    assert await store.start(sid, "b", "w2") == "queued"
+    return sid
+
+
+def with_settings(settings: Settings, **update: Any) -> Settings:
+    return settings.model_copy(update=update)
+
+
+async def entries(store: Store, sid: str, src: Source) -> list[tuple[str, dict[str, str]]]:
+    return await store.read(sid, src, "0-0", 10_000)
+
+
+class Announcements:
+    """Every announcement on one stream's channel, in order."""
+
+    def __init__(self, ps: PubSub) -> None:
+        self.ps = ps
+
+    async def take(self, n: int, within: float = 3.0) -> list[Announcement]:
+        out: list[Announcement] = []
+        async with asyncio.timeout(within):
+            while len(out) < n:
+                msg = await self.ps.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                if msg is not None and msg["type"] == "message":
+                    out.append(parse_announcement(msg["data"]))
+        return out
+
+    async def none_pending(self) -> bool:
+        return await self.ps.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
+
+
+@pytest.fixture
+async def listen(redis: Redis, store: Store) -> AsyncIterator[Any]:
+    pubsubs: list[PubSub] = []
+
+    async def subscribe(sid: str) -> Announcements:
+        ps = redis.pubsub()
+        await ps.subscribe(store.keys.channel(sid))
+        msg = await ps.get_message(timeout=2.0)
+        assert msg is not None and msg["type"] == "subscribe"
+        pubsubs.append(ps)
+        return Announcements(ps)
+
+    yield subscribe
+    for ps in pubsubs:
+        await ps.aclose()  # type: ignore[no-untyped-call]
+
+
+# -- create / start ----------------------------------------------------------------------------
+
+
+async def test_create_writes_meta(store: Store, redis: Redis) -> None:
+    created = await store.create(
+        prompt="Explain é",
+        tasks={"a": ("simulated", {"tokens": 3}), "b": ("other", {"x": [1, 2]})},
+        pacing=PACING,
+    )
+    meta = await store.meta(created.id)
+    assert meta is not None
+    assert meta["id"] == created.id
+    assert meta["status"] == "queued"
+    assert meta["prompt"] == "Explain é"
+    assert orjson.loads(meta["pacing"]) == PACING
+    assert meta["a_task"] == "simulated" and orjson.loads(meta["a_options"]) == {"tokens": 3}
+    assert meta["b_task"] == "other" and orjson.loads(meta["b_options"]) == {"x": [1, 2]}
+    for src in "ab":
+        assert meta[f"{src}_state"] == "queued"
+        assert meta[f"{src}_tokens"] == meta[f"{src}_events"] == "0"
+        assert meta[f"{src}_last"] == "0-0"
+    # The token itself is never stored, only its digest.
+    assert created.token not in meta.values()
+    assert token_matches(meta, created.token)
+    assert not token_matches(meta, created.token + "x")
+    assert not token_matches({}, created.token)
+    # Unfinished streams expire too: max_stream_s + retention_s.
+    s = store.settings
+    pttl = await redis.pttl(store.keys.meta(created.id))
+    assert (s.max_stream_s + s.retention_s) * 1000 - 5000 < pttl <= (s.max_stream_s + s.retention_s) * 1000
+    assert await redis.zscore(store.keys.index, created.id) is not None
+
+
+async def test_ids_and_tokens_are_unique(store: Store) -> None:
+    made = [await store.create(prompt="p", tasks={"a": ("s", {}), "b": ("s", {})}, pacing={}) for _ in range(20)]
+    assert len({c.id for c in made}) == 20
+    assert len({c.token for c in made}) == 20
+    assert all(len(c.id) >= 20 and len(c.token) >= 40 for c in made)
+
+
+async def test_start_claims_once(store: Store, redis: Redis) -> None:
+    sid = await new_stream(store)
+    assert await store.start(sid, "a", "w1") == "queued"
+    assert await store.start(sid, "a", "w2") == "running"  # a second claim sees it taken
+    meta = await store.meta(sid)
+    assert meta is not None
+    assert meta["a_state"] == "running" and meta["a_worker"] == "w1" and meta["status"] == "running"
+    assert meta["b_state"] == "queued"
+    assert int(meta["a_started_ms"]) > 0
+    assert await redis.zscore(store.keys.running, f"{sid}:a") is not None
+    assert await store.start("no-such-stream", "a", "w1") is None
+
+
+# -- append ------------------------------------------------------------------------------------
+
+
+async def test_append_and_read(store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["one ", "two\n", ""]) == 3
+    assert await store.append(sid, "a", ["😀 \"x\" \\"]) == 1
+    rows = await entries(store, sid, "a")
+    assert [f for _, f in rows] == [
+        {"type": "delta", "text": "one "},
+        {"type": "delta", "text": "two\n"},
+        {"type": "delta", "text": ""},
+        {"type": "delta", "text": '😀 "x" \\'},
+    ]
+    meta = await store.meta(sid)
+    assert meta is not None
+    assert meta["a_last"] == rows[-1][0]
+    assert meta["a_events"] == meta["a_tokens"] == "4"
+    assert await store.text(sid, "a") == 'one two\n😀 "x" \\'
+    # Exclusive reads after any id.
+    assert await store.read(sid, "a", rows[1][0], 10) == rows[2:]
+    assert await store.read(sid, "a", rows[-1][0], 10) == []
+    assert await store.read(sid, "a", "0-0", 2) == rows[:2]
+    # The events stream gets the meta's TTL at its first append.
+    pttl_meta = await redis.pttl(store.keys.meta(sid))
+    pttl_a = await redis.pttl(store.keys.events(sid, "a"))
+    assert 0 < pttl_a <= pttl_meta + 10 and pttl_meta - pttl_a < 5000
+
+
+async def test_append_to_a_queued_or_unknown_source_is_refused(store: Store) -> None:
+    sid = await new_stream(store)
+    assert await store.append(sid, "a", ["x"]) == -1
+    assert await store.append("no-such-stream", "a", ["x"]) == -1
+    assert await entries(store, sid, "a") == []
+
+
+async def test_text_reads_in_batches(store: Store) -> None:
+    sid = await running_stream(store)
+    texts = [f"{i} " for i in range(2500)]
+    for i in range(0, len(texts), 500):
+        assert await store.append(sid, "b", texts[i : i + 500]) == 500
+    assert await store.text(sid, "b") == "".join(texts)
+
+
+async def test_append_after_terminal_returns_minus_one(store: Store) -> None:
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["x"]) == 1
+    assert await store.finish(sid, ["a"], done_fields(1)) == 1
+    assert await store.append(sid, "a", ["late"]) == -1
+    rows = await entries(store, sid, "a")
+    assert [f["type"] for _, f in rows] == ["delta", "done"]
+    assert await store.finish(sid, ["a"], error_fields("worker_lost", "x")) == 0  # one terminal only
+    assert len(await entries(store, sid, "a")) == 2
+
+
+# -- finish / settle ---------------------------------------------------------------------------
+
+
+async def test_finish_one_source_then_settle(store: Store, redis: Redis) -> None:
+    settings = with_settings(store.settings, retention_s=120, max_stream_s=1000)
+    store = Store(redis, settings)
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["a1 ", "a2"]) == 2
+    assert await store.finish(sid, ["a"], done_fields(2, {"finish_reason": "stop"})) == 1
+    meta = await store.meta(sid)
+    assert meta is not None
+    assert meta["a_state"] == "done" and meta["status"] == "running"
+    rows = await entries(store, sid, "a")
+    assert rows[-1][1] == {"type": "done", "tokens": "2", "extra": '{"finish_reason":"stop"}'}
+    assert meta["a_last"] == rows[-1][0] and meta["a_events"] == "3" and meta["a_tokens"] == "2"
+    assert "a_error" not in meta
+    # Not settled yet: the stream keeps its long TTL.
+    assert await redis.pttl(store.keys.meta(sid)) > 1_000_000
+
+    assert await store.finish(sid, ["b"], error_fields("task_failed", "boom \"x\"")) == 1
+    meta = await store.meta(sid)
+    assert meta is not None
+    assert meta["b_state"] == "failed" and meta["status"] == "failed"
+    assert orjson.loads(meta["b_error"]) == {"code": "task_failed", "message": 'boom "x"'}
+    assert int(meta["finished_ms"]) >= int(meta["created_ms"])
+    # Settled: every key of the stream expires after the retention, together.
+    for key in store.keys.stream_keys(sid):
+        assert await redis.exists(key), key
+        pttl = await redis.pttl(key)
+        assert 120_000 - 5000 < pttl <= 120_000, (key, pttl)
+    assert await redis.zscore(store.keys.running, f"{sid}:a") is None
+    assert await redis.zscore(store.keys.running, f"{sid}:b") is None
+
+    doc = await store.status(sid, meta)
+    assert doc["status"] == "failed"
+    assert doc["a"] == {"task": "simulated", "state": "done", "tokens": 2, "text": "a1 a2", "error": None}
+    assert doc["b"]["error"] == {"code": "task_failed", "message": 'boom "x"'}
+    assert doc["b"]["text"] == ""
+    assert doc["pacing"] == PACING
+    assert doc["created_at"].endswith("Z")
+
+
+@pytest.mark.parametrize(
+    ("a_fields", "b_fields", "status"),
+    [
+        (done_fields(0), done_fields(0), "completed"),
+        (done_fields(0), error_fields("task_failed", "m"), "failed"),
+        (error_fields("worker_lost", "m"), done_fields(0), "failed"),
+        (error_fields("cancelled", "m"), done_fields(0), "cancelled"),
+        (error_fields("task_failed", "m"), error_fields("cancelled", "m"), "cancelled"),
+    ],
+)
+async def test_final_status(store: Store, a_fields: list[str], b_fields: list[str], status: str) -> None:
+    sid = await running_stream(store)
+    await store.finish(sid, ["a"], a_fields)
+    await store.finish(sid, ["b"], b_fields)
+    meta = await store.meta(sid)
+    assert meta is not None and meta["status"] == status
+
+
+async def test_terminal_entry_and_state_are_visible_together(store: Store, redis: Redis) -> None:
+    """A reader that sees the source's terminal state also sees its terminal entry, and never the
+    other way round: both are written by one script."""
+    sid = await running_stream(store)
+    k = store.keys
+    stop = asyncio.Event()
+    seen: list[tuple[str, str]] = []
+
+    async def reader() -> None:
+        while not stop.is_set():
+            async with redis.pipeline(transaction=True) as tx:
+                tx.hget(k.meta(sid), "a_state")
+                tx.xrevrange(k.events(sid, "a"), count=1)
+                state, last = await tx.execute()
+            last_type = last[0][1][b"type"].decode() if last else "none"
+            seen.append((state.decode(), last_type))
+
+    async def writer() -> None:
+        for i in range(30):
+            await store.append(sid, "a", [f"{i} "])
+        await store.finish(sid, ["a"], done_fields(30))
+        await asyncio.sleep(0.02)
+        stop.set()
+
+    await asyncio.gather(reader(), reader(), writer())
+    assert ("done", "done") in seen
+    for state, last_type in seen:
+        assert (state == "done") == (last_type == "done"), (state, last_type)
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+async def test_too_long_at_max_source_events(store: Store, redis: Redis) -> None:
+    store = Store(redis, with_settings(store.settings, max_source_events=5))
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["1", "2", "3"]) == 3
+    # Room for one more delta: the last of the 5 entries is the terminal `too_long` error.
+    assert await store.append(sid, "a", ["4", "5", "6"]) == -1
+    rows = await entries(store, sid, "a")
+    assert len(rows) == 5
+    assert [f.get("text") for _, f in rows[:4]] == ["1", "2", "3", "4"]
+    last = rows[-1][1]
+    assert last["type"] == "error" and last["code"] == "too_long"
+    assert "5 events" in last["message"] and "TANDEM_MAX_SOURCE_EVENTS" in last["message"]
+    meta = await store.meta(sid)
+    assert meta is not None
+    assert meta["a_state"] == "failed" and meta["a_events"] == "5" and meta["a_tokens"] == "4"
+    assert meta["a_last"] == rows[-1][0]
+    assert orjson.loads(meta["a_error"])["code"] == "too_long"
+    assert meta["status"] == "running"  # B still runs
+    assert await store.append(sid, "a", ["more"]) == -1
+    assert len(await entries(store, sid, "a")) == 5
+    # B too: and then the stream settles as failed.
+    assert await store.append(sid, "b", ["x"] * 4) == 4
+    assert await store.append(sid, "b", ["y"]) == -1
+    meta = await store.meta(sid)
+    assert meta is not None and meta["b_state"] == "failed" and meta["status"] == "failed"
+    assert 0 < await redis.pttl(store.keys.meta(sid)) <= store.settings.retention_s * 1000
+
+
+async def test_too_long_when_exactly_full(store: Store, redis: Redis) -> None:
+    store = Store(redis, with_settings(store.settings, max_source_events=5))
+    sid = await running_stream(store)
+    assert await store.append(sid, "b", ["1", "2", "3", "4"]) == 4  # fits exactly: no error yet
+    meta = await store.meta(sid)
+    assert meta is not None and meta["b_state"] == "running"
+    # The done entry is the 5th and last one allowed.
+    assert await store.finish(sid, ["b"], done_fields(4)) == 1
+    rows = await entries(store, sid, "b")
+    assert len(rows) == 5 and rows[-1][1]["type"] == "done"
+
+
+async def test_too_long_with_an_empty_batch_room(store: Store, redis: Redis) -> None:
+    store = Store(redis, with_settings(store.settings, max_source_events=2))
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["1"]) == 1
+    assert await store.append(sid, "a", ["2"]) == -1
+    rows = await entries(store, sid, "a")
+    assert [f["type"] for _, f in rows] == ["delta", "error"]
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+
+async def test_cancel_writes_to_non_terminal_sources_only(store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)
+    await store.append(sid, "a", ["a "])
+    await store.finish(sid, ["a"], done_fields(1))
+    await store.append(sid, "b", ["b "])
+    assert await store.cancel(sid) == 1  # only B
+    a_rows, b_rows = await entries(store, sid, "a"), await entries(store, sid, "b")
+    assert [f["type"] for _, f in a_rows] == ["delta", "done"]
+    assert b_rows[-1][1] == {"type": "error", "code": "cancelled", "message": "cancelled by request"}
+    meta = await store.meta(sid)
+    assert meta is not None
+    assert (meta["a_state"], meta["b_state"], meta["status"]) == ("done", "cancelled", "cancelled")
+    assert orjson.loads(meta["b_error"])["code"] == "cancelled"
+    assert await store.cancel(sid) == 0  # nothing left to cancel
+    assert len(await entries(store, sid, "b")) == 2
+    assert await store.append(sid, "b", ["late"]) == -1
+
+
+async def test_cancel_queued_stream(store: Store, redis: Redis) -> None:
+    sid = await new_stream(store)
+    assert await store.cancel(sid) == 2
+    meta = await store.meta(sid)
+    assert meta is not None
+    assert (meta["a_state"], meta["b_state"], meta["status"]) == ("cancelled", "cancelled", "cancelled")
+    for src in ("a", "b"):
+        rows = await entries(store, sid, src)
+        assert len(rows) == 1 and rows[0][1]["code"] == "cancelled"
+    # A worker that picks the job up later sees it is over.
+    assert await store.start(sid, "a", "w") == "cancelled"
+    for key in store.keys.stream_keys(sid):
+        assert 0 < await redis.pttl(key) <= store.settings.retention_s * 1000
+
+
+async def test_cancel_unknown_stream(store: Store) -> None:
+    assert await store.cancel("no-such-stream") == 0
+
+
+async def test_delete(store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)
+    await store.append(sid, "a", ["x"])
+    await store.delete(sid)
+    assert await store.meta(sid) is None
+    assert await redis.exists(*store.keys.stream_keys(sid)) == 0
+    assert await redis.zscore(store.keys.index, sid) is None
+
+
+# -- announcements -----------------------------------------------------------------------------
+
+
+async def test_announcements_chain(store: Store, listen: Any) -> None:
+    sid = await running_stream(store)
+    ann: Announcements = await listen(sid)
+    await store.append(sid, "a", ["a1", "a2"])
+    await store.append(sid, "b", ["b1"])
+    await store.append(sid, "a", ["a3"])
+    await store.finish(sid, ["a"], done_fields(3))
+    await store.append(sid, "b", ["b2", "b3", "b4"])
+    await store.cancel(sid)  # B only
+    got = await ann.take(6)
+    assert await ann.none_pending()
+    assert [(x.source, len(x.entries)) for x in got] == [("a", 2), ("b", 1), ("a", 1), ("a", 1), ("b", 3), ("b", 1)]
+    for src in ("a", "b"):
+        mine = [x for x in got if x.source == src]
+        prev = "0-0"
+        for x in mine:
+            assert x.prev == prev
+            prev = x.entries[-1][0]
+        # What was announced is exactly what is stored, in the same shape as XRANGE returns it.
+        announced = [e for x in mine for e in x.entries]
+        assert announced == await entries(store, sid, src)
+    assert got[3].entries[0][1] == {"type": "done", "tokens": "3"}
+    assert got[5].entries[0][1]["code"] == "cancelled"
+
+
+async def test_announcement_of_too_long(store: Store, redis: Redis, listen: Any) -> None:
+    store = Store(redis, with_settings(store.settings, max_source_events=3))
+    sid = await running_stream(store)
+    ann: Announcements = await listen(sid)
+    assert await store.append(sid, "a", ["1", "2", "3"]) == -1
+    got = await ann.take(2)
+    assert [len(x.entries) for x in got] == [2, 1]
+    assert got[1].prev == got[0].entries[-1][0]
+    assert got[1].entries[0][1]["code"] == "too_long"
+    assert await ann.none_pending()
+
+
+async def test_no_announcement_when_nothing_is_written(store: Store, listen: Any) -> None:
+    sid = await running_stream(store)
+    ann: Announcements = await listen(sid)
+    await store.finish(sid, ["a"], done_fields(0))
+    assert len(await ann.take(1)) == 1
+    assert await store.append(sid, "a", ["x"]) == -1
+    assert await store.finish(sid, ["a"], done_fields(0)) == 0
+    assert await ann.none_pending()
+
+
+async def test_announcement_payload_text_round_trip(store: Store, listen: Any) -> None:
+    """cjson in the script must carry any text exactly: escapes, non-ASCII, control characters."""
+    sid = await running_stream(store)
+    ann: Announcements = await listen(sid)
+    texts = ["a/b", "\\", '"', "\r\n", "\x00\x01\x1f", "é東😀", "\u2028", "", " " * 3, "[]{}"]
+    assert await store.append(sid, "a", texts) == len(texts)
+    (got,) = await ann.take(1)
+    assert [f["text"] for _, f in got.entries] == texts
+
+
+# -- everything is plain text ------------------------------------------------------------------
+
+
+async def test_values_are_plain_strings_and_json(store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)
+    await store.append(sid, "a", ["é ", "x"])
+    await store.finish(sid, ["a"], done_fields(2, {"usage": {"total": 2}}))
+    await store.finish(sid, ["b"], error_fields("task_failed", "m"))
+    prefix = store.keys.prefix
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+    assert keys
+    json_fields = {"pacing", "a_options", "b_options", "a_error", "b_error", "extra"}
+    checked = 0
+    for raw_key in keys:
+        key = raw_key.decode()
+        kind = (await redis.type(key)).decode()
+        values: list[tuple[str, bytes]] = []
+        if kind == "hash":
+            values = [(f.decode(), v) for f, v in (await redis.hgetall(key)).items()]  # type: ignore[misc]
+        elif kind == "stream":
+            for _, fields in await redis.xrange(key):
+                values += [(f.decode(), v) for f, v in fields.items()]
+        elif kind == "zset":
+            values = [("member", m) for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
+        elif kind == "string":
+            values = [("value", await redis.get(key))]
+        for name, value in values:
+            assert not value.startswith(b"\x80"), f"{key} {name} looks pickled"
+            text = value.decode("utf-8")  # raises if it is not UTF-8
+            if name in json_fields:
+                orjson.loads(text)
+            checked += 1
+    assert checked > 20
