@@ -96,22 +96,42 @@ async def follow(client: httpx.AsyncClient, events_url: str, printer: Printer | 
             await asyncio.sleep(min(0.2 * tr.reconnects, 2.0))
 
 
+FLUSH_BURST_S = 0.05  # A deltas this soon after the flush phase count as "flushed at once"
+
+
+def _rate(n: int, t0: float, t1: float) -> str:
+    return f", {n / (t1 - t0):.1f}/s" if n > 1 and t1 > t0 else ""
+
+
 def summarize(tr: Transcript) -> list[str]:
-    first = next((t for t, ev, _ in tr.events if ev == "delta"), None)
-    flush = next((t for t, ev, d in tr.events if ev == "phase" and d.get("phase") == "flush"), None)
-    out = [f"status: {tr.status}"]
+    """What a person watching wants to know: when the answer started, how A was paced while B
+    ran, how much the flush released at once, and how B followed."""
+    deltas = {src: [t for t, ev, d in tr.events if ev == "delta" and d.get("source") == src] for src in ("a", "b")}
+    phases = {d.get("phase"): t for t, ev, d in reversed(tr.events) if ev == "phase"}  # first time of each
+    end = next((t for t, ev, _ in tr.events if ev == "end"), None)
+    first = min((ts[0] for ts in deltas.values() if ts), default=None)
+    out = [f"status: {tr.status}" + (f" after {end:.2f} s" if end is not None else "")]
     if first is not None:
         out.append(f"time to first delta: {first * 1000:.0f} ms")
-    for src in ("a", "b"):
-        ts = [t for t, ev, d in tr.events if ev == "delta" and d.get("source") == src]
-        if len(ts) > 1 and ts[-1] > ts[0]:
-            out.append(f"{src}: {len(ts)} deltas, {len(ts) / (ts[-1] - ts[0]):.1f}/s")
-        else:
-            out.append(f"{src}: {len(ts)} deltas")
+    a, b = deltas["a"], deltas["b"]
+    flush = phases.get("flush")
     if flush is not None:
-        out.append(f"flush at {flush:.2f} s")
+        slow = [t for t in a if t < flush]
+        after = [t for t in a if t >= flush]
+        burst = sum(1 for t in after if t - flush <= FLUSH_BURST_S)
+        out.append(f"A slow while B ran: {len(slow)} deltas{_rate(len(slow), slow[0] if slow else 0.0, flush)}")
+        out.append(f"B done at {flush:.2f} s: A flushed {burst} deltas at once, {len(after)} in all after it")
+    else:
+        out.append(f"A: {len(a)} deltas{_rate(len(a), a[0] if a else 0.0, a[-1] if a else 0.0)} (B was still running when A ended)")
+    waiting = phases.get("waiting")
+    if waiting is not None and b:
+        out.append(f"waited {b[0] - waiting:.2f} s for B after A was done")
+    if b:
+        out.append(f"B: {len(b)} deltas from {b[0]:.2f} s{_rate(len(b), b[0], b[-1])}")
+    else:
+        out.append("B: no deltas")
     if tr.reconnects:
-        out.append(f"resumed {tr.reconnects} time(s)")
+        out.append(f"resumed {tr.reconnects} time(s) with Last-Event-ID")
     return out
 
 
@@ -125,7 +145,7 @@ async def run_stream(args: Any, base_url: str, api_key: str | None) -> int:
                 if args.once or not sys.stdin.isatty():
                     return 0
                 try:
-                    prompt = input("prompt> ").strip()
+                    prompt = (await asyncio.to_thread(input, "prompt> ")).strip()
                 except EOFError:
                     return 0
                 if not prompt:
