@@ -28,13 +28,24 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
 
 
+def _count(request: Request, code: str) -> None:
+    """Metrics: tandem_rejected_total{code}; tandem_redis_errors_total for a 503 from Redis."""
+    state = getattr(request.app.state, "tandem", None)
+    if state is not None:
+        state.metrics.rejected.labels(code).inc()
+        if code == "redis_unavailable":
+            state.metrics.redis_errors.inc()
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> ORJSONResponse:
+        _count(request, exc.code)
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+        _count(request, "invalid_request")
         details = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
         ]
@@ -50,7 +61,8 @@ def install(app: FastAPI) -> None:
     for exc_type in REDIS_DOWN:
 
         @app.exception_handler(exc_type)
-        async def _redis_down(_: Request, exc: Exception) -> ORJSONResponse:
+        async def _redis_down(request: Request, exc: Exception) -> ORJSONResponse:
+            _count(request, "redis_unavailable")
             return error_response(
                 503, "redis_unavailable", "Redis is not answering; retry shortly", headers={"Retry-After": "1"}
             )

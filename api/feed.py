@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import time
 
+from api.waker import Waker
 from shared.cursor import Cursor
 from shared.events import Announcement, Event, event_from_entry
 from shared.keys import SOURCES, Source
 from shared.pacing import Pacer
 from shared.store import Store, is_terminal
-from api.waker import Waker
 
 
 class Feed:
-    __slots__ = ("_store", "_stream_id", "_batch", "pacer", "waker", "_after", "_behind", "_dirty", "_closed", "b_completed_at")
+    __slots__ = ("_after", "_batch", "_behind", "_closed", "_dirty", "_store", "_stream_id", "b_completed_at", "pacer", "resyncs", "waker")
 
     def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int, b_closed: bool = False) -> None:
         """`cursor`: read strictly after it. `b_closed`: the cursor is B's terminal entry."""
@@ -42,6 +42,7 @@ class Feed:
         self._behind: dict[str, bool] = {"a": True, "b": True}  # history may exist: read first
         self._dirty: dict[str, bool] = {"a": False, "b": False}
         self.b_completed_at: float | None = None  # perf_counter() when B's completion was noticed (metrics)
+        self.resyncs = 0  # times the hub asked for a catch-up (after it reconnected to Redis)
 
     def _wanted(self, source: str) -> bool:
         if self._closed[source]:
@@ -68,6 +69,7 @@ class Feed:
         self.waker.set()
 
     def on_resync(self) -> None:
+        self.resyncs += 1
         for src in SOURCES:
             self._behind[src] = True
             self._dirty[src] = True

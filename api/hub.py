@@ -25,6 +25,11 @@ from shared.events import Announcement, parse_announcement
 log = logging.getLogger("tandem.hub")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
+READ_TIMEOUT_S = 1.0  # longest single wait for a message; always below the client's socket timeout
+PING_IDLE_S = 5.0  # PING the pub/sub connection after this long without any message
+DEAD_AFTER_S = 12.0  # nothing at all (not even the PING's reply) for this long: the connection is dead
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 2.0  # reconnect delays: doubling, bounded
+
 
 class Listener(Protocol):
     def on_announcement(self, ann: Announcement) -> None: ...
@@ -36,15 +41,20 @@ class Hub:
         self._redis = redis  # a client of its own: the pub/sub connection is held for good
         self._control = control_channel
         self._confirm_timeout = confirm_timeout_s
+        self.read_timeout = read_timeout_for(redis)
         self._ps: PubSub | None = None
         self._listeners: dict[str, set[Listener]] = {}
         self._subscribed: set[str] = set()  # SUBSCRIBE sent on the current connection
         self._confirmed: set[str] = set()  # and confirmed by Redis
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
         self._to_unsubscribe: set[str] = set()
+        self._resync: set[str] = set()  # resubscribed after a reconnect, not confirmed yet
         self._task: asyncio.Task[None] | None = None
+        self._last_rx = 0.0  # loop time of the last thing read from the pub/sub connection
+        self._pinged = False
         self.connected = asyncio.Event()
         self.listeners = 0
+        self.reconnects = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tandem-hub")
@@ -56,7 +66,7 @@ class Hub:
                 await self._task
         if self._ps is not None:
             with contextlib.suppress(Exception):
-                await self._ps.aclose()
+                await self._ps.aclose()  # type: ignore[no-untyped-call]
         await self._redis.aclose()
 
     async def subscribe(self, channel: str, listener: Listener) -> None:
@@ -93,17 +103,26 @@ class Hub:
     # -- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = BACKOFF_MIN_S
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if self._ps is None:
                     await self._connect()
-                    backoff = 0.05
+                    backoff = BACKOFF_MIN_S
                 assert self._ps is not None
                 await self._flush_unsubscribes()
-                msg = await self._ps.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                msg = await self._ps.get_message(ignore_subscribe_messages=False, timeout=self.read_timeout)
+                now = loop.time()
                 if msg is not None:
+                    self._last_rx, self._pinged = now, False
                     self._dispatch(msg)
+                elif now - self._last_rx >= DEAD_AFTER_S:
+                    # A half-open connection (host gone, no RST) reads as silence, not as an error.
+                    raise RedisTimeoutError(f"no answer on the pub/sub connection for {DEAD_AFTER_S:.0f}s")
+                elif now - self._last_rx >= PING_IDLE_S and not self._pinged:
+                    self._pinged = True
+                    await self._ps.ping()
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN as e:
@@ -111,34 +130,43 @@ class Hub:
                     log.warning("hub lost Redis, reconnecting", extra={"error": str(e)})
                 await self._drop()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
             except Exception:
                 log.exception("hub loop error")
                 await self._drop()
                 await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _connect(self) -> None:
         ps = self._redis.pubsub()
-        await ps.subscribe(self._control)
-        channels = list(self._listeners)
-        if channels:
-            await ps.subscribe(*channels)
+        try:
+            await ps.subscribe(self._control)
+            channels = list(self._listeners)
+            if channels:
+                await ps.subscribe(*channels)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ps.aclose()  # type: ignore[no-untyped-call]
+            raise
         self._ps = ps
+        self._last_rx, self._pinged = asyncio.get_running_loop().time(), False
         self._subscribed = {self._control, *channels}
         self._confirmed.clear()
+        if self.reconnects or channels:
+            log.info("hub connected to Redis", extra={"channels": len(channels)})
+        self.reconnects += 1
+        # Anything announced while we were away is only in the streams: every listener catches up,
+        # but only once Redis confirmed its channel (_dispatch), so that nothing appended after the
+        # catch-up read can be missed.
+        self._resync = set(channels)
         self.connected.set()
-        if channels:
-            log.info("hub reconnected", extra={"channels": len(channels)})
-        # Anything announced while we were away is only in the streams: every listener catches up.
-        for group in list(self._listeners.values()):
-            for listener in list(group):
-                listener.on_resync()
 
     async def _drop(self) -> None:
         self.connected.clear()
         ps, self._ps = self._ps, None
         self._subscribed.clear()
         self._confirmed.clear()
+        self._resync.clear()
         for futs in self._waiting.values():
             for fut in futs:
                 if not fut.done():
@@ -146,7 +174,7 @@ class Hub:
         self._waiting.clear()
         if ps is not None:
             with contextlib.suppress(Exception):
-                await ps.aclose()
+                await ps.aclose()  # type: ignore[no-untyped-call]
 
     async def _flush_unsubscribes(self) -> None:
         if not self._to_unsubscribe or self._ps is None:
@@ -177,6 +205,20 @@ class Hub:
         elif kind == "subscribe":
             if channel in self._subscribed:
                 self._confirmed.add(channel)
+            if channel in self._resync:
+                self._resync.discard(channel)
+                for listener in list(self._listeners.get(channel, ())):
+                    listener.on_resync()
             for fut in self._waiting.pop(channel, []):
                 if not fut.done():
                     fut.set_result(None)
+
+
+def read_timeout_for(redis: Redis) -> float:
+    """The hub's blocking read timeout: READ_TIMEOUT_S, and always below the client's socket
+    timeout (if it has one), so that an idle wait ends as "no message", never as a socket
+    timeout error that would drop the connection and resync every reader."""
+    socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+    if socket_timeout is None:
+        return READ_TIMEOUT_S
+    return min(READ_TIMEOUT_S, float(socket_timeout) / 2)

@@ -10,25 +10,26 @@ from typing import Annotated, Any
 
 import orjson
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, job_key_prefix
+from arq.jobs import serialize_job
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import ORJSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
-from shared.cursor import START, Cursor, CursorError
-from shared.events import Event, state_after
-from shared.keys import SOURCES, Source
-from shared.pacing import Pacer, Phase
-from shared.store import Store, is_terminal, now_ms, token_matches
 from api.errors import ApiError
 from api.feed import Feed, start_point
 from api.hub import REDIS_DOWN, Hub
 from api.metrics import ApiMetrics
 from api.schemas import CreateStream
-from api.sse import event_stream
+from api.sse import Shutdown, SseResponse, event_stream
+from shared.cursor import START, Cursor, CursorError
+from shared.events import Event, state_after
+from shared.keys import SOURCES, Source
+from shared.pacing import Pacer, Phase
 from shared.settings import Settings
+from shared.store import Store, is_terminal, now_ms, token_matches
 from workers.registry import Registry
 from workers.settings import JOB_NAME
 
@@ -106,18 +107,29 @@ async def create_stream(body: CreateStream, state: StateDep, authorization: Anno
     if body.pacing is not None:
         pacing |= body.pacing.model_dump(exclude_none=True)
 
-    created = await state.store.create(prompt=body.prompt, tasks=tasks, pacing=pacing)
-    try:
+    made: list[str] = []
+
+    def enqueue(tx: Any, stream_id: str) -> None:
+        # arq's enqueue_job, for fresh job ids, inside the create's own MULTI/EXEC: a create is
+        # one atomic step, so Redis dying at any point leaves either the whole stream or nothing.
+        made.append(stream_id)
+        now = now_ms()
         for src in SOURCES:
-            await state.redis.enqueue_job(
-                JOB_NAME, created.id, src, _job_id=state.store.keys.job_id(created.id, src), _queue_name=s.queue_name
-            )
+            job_id = state.store.keys.job_id(stream_id, src)
+            job = serialize_job(JOB_NAME, (stream_id, src), {}, None, now, serializer=state.redis.job_serializer)
+            tx.psetex(job_key_prefix + job_id, state.redis.expires_extra_ms, job)
+            tx.zadd(s.queue_name, {job_id: now})
+
+    try:
+        created = await state.store.create(prompt=body.prompt, tasks=tasks, pacing=pacing, also=enqueue)
     except BaseException:
-        # Nothing half-created stays behind: the client gets 503 and no stream exists.
-        try:
-            await asyncio.shield(_undo_create(state, created.id))
-        except Exception:
-            log.warning("could not undo a half-created stream", extra={"stream": created.id})
+        # The client gets an error, so no stream may exist. The connection may have broken after
+        # EXEC ran: take it back if Redis answers (else the stream is whole, just unknown).
+        if made:
+            try:
+                await asyncio.shield(asyncio.wait_for(_undo_create(state, made[0]), 2.0))
+            except Exception:
+                log.warning("could not check for a half-answered create", extra={"stream": made[0]})
         raise
     state.metrics.streams_created.inc()
     log.info("stream created", extra={"stream": created.id, "a": tasks["a"][0], "b": tasks["b"][0]})
@@ -135,12 +147,13 @@ async def create_stream(body: CreateStream, state: StateDep, authorization: Anno
 
 async def _undo_create(state: State, stream_id: str) -> None:
     k = state.store.keys
-    async with state.redis.pipeline(transaction=False) as p:
+    async with state.redis.pipeline(transaction=True) as tx:
         for src in SOURCES:
-            p.zrem(state.settings.queue_name, k.job_id(stream_id, src))
-            p.delete(f"arq:job:{k.job_id(stream_id, src)}")
-        await p.execute()
-    await state.store.delete(stream_id)
+            tx.zrem(state.settings.queue_name, k.job_id(stream_id, src))
+            tx.delete(job_key_prefix + k.job_id(stream_id, src))
+        tx.delete(*k.stream_keys(stream_id))
+        tx.zrem(k.index, stream_id)
+        await tx.execute()
 
 
 def _consteq(a: str, b: str) -> bool:
@@ -212,10 +225,12 @@ async def stream_events(
     loop = asyncio.get_running_loop()
     opened = loop.time()
     first = [True]
+    log.info("reader connected", extra={"stream": stream_id, "resume_from": str(cursor) if cursor != START else None})
 
     def on_close() -> None:
         state.hub.unsubscribe(channel, feed)
         metrics.open_streams.dec()
+        log.info("reader disconnected", extra={"stream": stream_id, "seconds": round(loop.time() - opened, 3)})
 
     def on_events(items: list[Event | Phase], now: float) -> None:
         for item in items:
@@ -228,13 +243,18 @@ async def stream_events(
                 first[0] = False
                 metrics.first_delta.observe(now - opened)
 
-    body = event_stream(feed, meta_doc, s.sse_retry_ms, on_close, on_events)  # type: ignore[arg-type]
-    return EventSourceResponse(
+    shutdown = Shutdown(feed)  # set by sse-starlette on SIGTERM: the body ends, the client resumes elsewhere
+    body = event_stream(
+        feed, meta_doc, s.sse_retry_ms, on_close, on_events,  # type: ignore[arg-type]
+        shutdown=shutdown, hub_connected=state.hub.connected.is_set,
+    )
+    return SseResponse(
         body,
         ping=s.sse_ping_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping"),
         send_timeout=s.sse_send_timeout_s,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        shutdown_event=shutdown,  # type: ignore[arg-type]
         shutdown_grace_period=s.sse_shutdown_grace_s,
     )
 
@@ -296,7 +316,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(state: StateDep) -> ORJSONResponse:
     try:
         await asyncio.wait_for(state.redis.ping(), timeout=1.0)
-    except (*REDIS_DOWN, asyncio.TimeoutError):
+    except (TimeoutError, *REDIS_DOWN):
         return ORJSONResponse({"error": {"code": "redis_unavailable", "message": "Redis is not answering"}}, status_code=503)
     if not state.hub.connected.is_set():
         return ORJSONResponse({"error": {"code": "redis_unavailable", "message": "the live reader is reconnecting"}}, status_code=503)
