@@ -41,6 +41,12 @@ unit: $(BIN)/.installed
 e2e: $(BIN)/.installed
 	$(BIN)/pytest tests/e2e -q
 
+# 10 minutes of mixed traffic through nginx with random drops and an API replica restart per
+# minute; not part of `make test`.
+soak: $(BIN)/.installed
+	./scripts/system-deps.sh
+	$(BIN)/python -m tests.soak --duration 600
+
 -include bench/bench.mk
 
 clean:
