@@ -21,7 +21,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(send, receive, drain=int(value) <= self.drain_limit)
                 return
         parts: list[bytes] = []
         size = 0
@@ -32,7 +32,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(send, receive, drain=message.get("more_body", False))
                 return
             parts.append(chunk)
             if not message.get("more_body", False):
@@ -48,7 +48,27 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
+    @property
+    def drain_limit(self) -> int:
+        return max(4 * self.max_bytes, 8 << 20)
+
+    async def _refuse(self, send: Send, receive: Receive, drain: bool) -> None:
+        """413. A proxy in front (nginx buffers the whole body, then writes it) turns an answer
+        sent while it is still writing into a 502, so a body of bounded size is read and dropped
+        first; past `drain_limit` the connection is closed instead."""
+        close = not drain
+        if drain:
+            seen = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                seen += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+                if seen > self.drain_limit:
+                    close = True
+                    break
         body = orjson.dumps(
             {"error": {"code": "body_too_large", "message": f"request body is over {self.max_bytes} bytes (TANDEM_MAX_BODY_BYTES)"}}
         )
@@ -56,7 +76,11 @@ class BodyLimit:
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *([(b"connection", b"close")] if close else []),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
