@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
+from arq.constants import abort_jobs_ss
 from redis.asyncio import Redis
 
 from shared.events import TERMINAL_STATES, Entry, delta_fields, error_fields, fields_dict
@@ -32,8 +33,9 @@ local function announce(channel, src, prev, entries)
   redis.call('PUBLISH', channel, cjson.encode({s = src, p = prev, e = entries}))
 end
 
--- Append the terminal entry `fields` to source `src` unless it is terminal already.
-local function finish_source(meta, skey, channel, src, fields)
+-- Append the terminal entry `fields` to source `src` unless it is terminal already. The source's
+-- lease and its `running` member go with it.
+local function finish_source(meta, skey, lease, running, member, channel, src, fields)
   local st = redis.call('HGET', meta, src .. '_state')
   if (not st) or is_terminal(st) then return 0 end
   local prev = redis.call('HGET', meta, src .. '_last') or '0-0'
@@ -48,8 +50,17 @@ local function finish_source(meta, skey, channel, src, fields)
   redis.call('HSET', meta, src .. '_state', state, src .. '_last', id)
   redis.call('HINCRBY', meta, src .. '_events', 1)
   if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', meta)) end
+  redis.call('DEL', lease)
+  redis.call('ZREM', running, member)
   announce(channel, src, prev, {{id, fields}})
   return 1
+end
+
+-- KEYS of the scripts that may end a source: meta, a, b, lease:a, lease:b, running.
+local function finish_one(src, stream_id, channel, fields)
+  local skey, lease = KEYS[2], KEYS[4]
+  if src == 'b' then skey, lease = KEYS[3], KEYS[5] end
+  return finish_source(KEYS[1], skey, lease, KEYS[6], stream_id .. ':' .. src, channel, src, fields)
 end
 
 -- Once both sources are terminal: final status, and every key of the stream expires together.
@@ -76,10 +87,7 @@ local fields = {}
 for i = 6 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 local written = 0
 for i = 1, n do
-  local src = ARGV[5 + i]
-  local skey = KEYS[2]
-  if src == 'b' then skey = KEYS[3] end
-  written = written + finish_source(KEYS[1], skey, ARGV[1], src, fields)
+  written = written + finish_one(ARGV[5 + i], ARGV[4], ARGV[1], fields)
 end
 if written > 0 then
   if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end
@@ -89,17 +97,34 @@ return written
 """
 )
 
-# KEYS: meta, events(src), a, b, lease:a, lease:b, running
-# ARGV: channel, retention_ms, now_ms, stream_id, src, max_events, texts...
+# KEYS: meta, a, b, lease:a, lease:b, running
+# ARGV: channel, retention_ms, now_ms, stream_id, src, max_events, expected_tokens, texts...
 # Returns the number of texts appended, or -1 when the source is not running (stop producing).
+# expected_tokens (-1: unchecked) is how many deltas the caller has appended so far: it makes a
+# retried append (its reply lost to a dropped connection) idempotent, and detects a Redis that
+# came back without some of the source's entries; that source cannot go on without a gap.
 _APPEND = (
     _LUA_PRELUDE
     + r"""
-local meta, skey, src = KEYS[1], KEYS[2], ARGV[5]
+local meta, src = KEYS[1], ARGV[5]
+local skey, lease = KEYS[2], KEYS[4]
+if src == 'b' then skey, lease = KEYS[3], KEYS[5] end
+local member = ARGV[4] .. ':' .. src
 if redis.call('HGET', meta, src .. '_state') ~= 'running' then return -1 end
+local n = #ARGV - 7
+local expected = tonumber(ARGV[7])
+if expected >= 0 then
+  local tokens = tonumber(redis.call('HGET', meta, src .. '_tokens') or '0')
+  if tokens == expected + n then return n end
+  if tokens ~= expected then
+    finish_source(meta, skey, lease, KEYS[6], member, ARGV[1], src, {'type', 'error', 'code', 'worker_lost',
+      'message', 'Redis lost part of this source (it restarted without its latest writes)'})
+    settle(meta, {meta, KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+    return -1
+  end
+end
 local events = tonumber(redis.call('HGET', meta, src .. '_events') or '0')
 local room = tonumber(ARGV[6]) - 1 - events
-local n = #ARGV - 6
 local take = n
 if take > room then take = room end
 local prev = redis.call('HGET', meta, src .. '_last') or '0-0'
@@ -107,7 +132,7 @@ if take > 0 then
   local out = {}
   local last = prev
   for i = 1, take do
-    local text = ARGV[6 + i]
+    local text = ARGV[7 + i]
     last = redis.call('XADD', skey, '*', 'type', 'delta', 'text', text)
     out[i] = {last, {'type', 'delta', 'text', text}}
   end
@@ -121,26 +146,92 @@ else
 end
 if take < n then
   local limit = 'source reached the limit of ' .. ARGV[6] .. ' events (TANDEM_MAX_SOURCE_EVENTS)'
-  finish_source(meta, skey, ARGV[1], src, {'type', 'error', 'code', 'too_long', 'message', limit})
-  settle(meta, {meta, KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, ARGV[2], ARGV[3], KEYS[7], ARGV[4])
+  finish_source(meta, skey, lease, KEYS[6], member, ARGV[1], src, {'type', 'error', 'code', 'too_long', 'message', limit})
+  settle(meta, {meta, KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
   return -1
 end
 return take
 """
 )
 
-# KEYS: meta, running ; ARGV: src, worker, lease_deadline_ms, stream_id
-# Returns the source's state before the call ('queued' means this caller now runs it).
+# KEYS: meta, running, lease(src) ; ARGV: src, worker, lease_deadline_ms, stream_id, now_ms, lease_ttl_ms
+# Returns the source's state before the call ('queued' means this caller now runs it). The claim
+# takes the source's lease; a repeated claim by the same worker (a retry whose reply was lost)
+# answers 'queued' again.
 _START = r"""
 local st = redis.call('HGET', KEYS[1], ARGV[1] .. '_state')
+if st == 'running' and redis.call('HGET', KEYS[1], ARGV[1] .. '_worker') == ARGV[2]
+   and redis.call('GET', KEYS[3]) == ARGV[2] then
+  return 'queued'
+end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], ARGV[1] .. '_state', 'running', ARGV[1] .. '_worker', ARGV[2],
              ARGV[1] .. '_started_ms', ARGV[5])
   if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[6])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
 end
 return st or false
 """
+
+# KEYS: meta, a, b, lease:a, lease:b, running
+# ARGV: channel, retention_ms, now_ms, stream_id, src, worker, lease_ttl_ms
+# 1: renewed. 0: the source is not running any more (ended by someone else: stop). -1: the lease
+# was gone (this worker stalled or Redis was away longer than the lease): the source is ended
+# here with `worker_lost`, exactly as the sweeper would have ended it.
+_RENEW = (
+    _LUA_PRELUDE
+    + r"""
+local src = ARGV[5]
+local lease = KEYS[4]
+if src == 'b' then lease = KEYS[5] end
+local member = ARGV[4] .. ':' .. src
+if redis.call('HGET', KEYS[1], src .. '_state') ~= 'running' then
+  redis.call('ZREM', KEYS[6], member)
+  return 0
+end
+if redis.call('GET', lease) == ARGV[6] then
+  redis.call('PEXPIRE', lease, ARGV[7])
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[3]) + tonumber(ARGV[7]), member)
+  return 1
+end
+finish_one(src, ARGV[4], ARGV[1], {'type', 'error', 'code', 'worker_lost',
+  'message', 'the worker running this source lost its lease (stalled, or cut off from Redis, for longer than TANDEM_LEASE_S)'})
+settle(KEYS[1], {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+return -1
+"""
+)
+
+# KEYS: meta, a, b, lease:a, lease:b, running ; ARGV: channel, retention_ms, now_ms, stream_id, src
+# The sweeper's check of one `running` member whose lease deadline has passed. 1: the source's
+# worker is gone (no lease), and the source ended with `worker_lost`. 0: nothing to do (the
+# member is dropped when the source is not running, re-scored when its lease is still alive).
+_REAP = (
+    _LUA_PRELUDE
+    + r"""
+local src = ARGV[5]
+local lease = KEYS[4]
+if src == 'b' then lease = KEYS[5] end
+local member = ARGV[4] .. ':' .. src
+if redis.call('HGET', KEYS[1], src .. '_state') ~= 'running' then
+  redis.call('ZREM', KEYS[6], member)
+  return 0
+end
+local pttl = redis.call('PTTL', lease)
+if pttl > 0 then
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[3]) + pttl, member)
+  return 0
+end
+finish_one(src, ARGV[4], ARGV[1], {'type', 'error', 'code', 'worker_lost',
+  'message', 'the worker running this source was lost (no lease renewal within TANDEM_LEASE_S)'})
+settle(KEYS[1], {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+return 1
+"""
+)
+
+# A lease lives this fraction of TANDEM_LEASE_S: with renewals every lease_s/5 and a sweep every
+# lease_s/5 (workers/lease.py), a dead worker's source ends at most 0.9 * lease_s after it died.
+LEASE_TTL_FRACTION = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +264,9 @@ class Store:
         self._finish = redis.register_script(_FINISH)
         self._append = redis.register_script(_APPEND)
         self._start = redis.register_script(_START)
+        self._renew = redis.register_script(_RENEW)
+        self._reap = redis.register_script(_REAP)
+        self.lease_ttl_ms = max(1, int(settings.lease_s * LEASE_TTL_FRACTION * 1000))
 
     # -- create --------------------------------------------------------------------------------
 
@@ -182,7 +276,10 @@ class Store:
         prompt: str,
         tasks: dict[Source, tuple[str, dict[str, Any]]],
         pacing: dict[str, int],
+        also: Any = None,
     ) -> Created:
+        """`also(tx, stream_id)` may add commands to the same MULTI/EXEC (the API enqueues the
+        arq jobs there): a create is all or nothing, even when Redis dies half-way."""
         stream_id, token = new_id(), secrets.token_urlsafe(32)
         k, now = self.keys, now_ms()
         meta: dict[str, str | int] = {
@@ -210,6 +307,8 @@ class Store:
             tx.pexpire(k.meta(stream_id), ttl_ms)
             tx.zadd(k.index, {stream_id: now})
             tx.zremrangebyscore(k.index, "-inf", now - ttl_ms)
+            if also is not None:
+                also(tx, stream_id)
             await tx.execute()
         return Created(stream_id, token)
 
@@ -265,26 +364,102 @@ class Store:
     # -- writes (workers) ----------------------------------------------------------------------
 
     async def start(self, stream_id: str, source: Source, worker: str) -> str | None:
-        """Claim a queued source. Returns its state before the call; 'queued' means it is ours."""
-        k = self.keys
-        deadline = now_ms() + int(self.settings.lease_s * 1000)
+        """Claim a queued source and take its lease. Returns its state before the call; 'queued'
+        means it is ours (also when this worker's own claim is retried)."""
+        k, now = self.keys, now_ms()
         st = await self._start(
-            keys=[k.meta(stream_id), k.running],
-            args=[source, worker, deadline, stream_id, now_ms()],
+            keys=[k.meta(stream_id), k.running, k.lease(stream_id, source)],
+            args=[source, worker, now + self.lease_ttl_ms, stream_id, now, self.lease_ttl_ms],
         )
         return _s(st) if st else None
 
-    async def append(self, stream_id: str, source: Source, texts: Sequence[str]) -> int:
-        """Append deltas in one round trip. -1: the source is not running any more, stop."""
+    async def append(self, stream_id: str, source: Source, texts: Sequence[str], expected: int | None = None) -> int:
+        """Append deltas in one round trip. -1: the source is not running any more, stop.
+
+        `expected`: how many deltas this caller appended before; with it, retrying an append whose
+        reply was lost does not write it twice."""
         k = self.keys
         return cast(
             int,
             await self._append(
-                keys=[k.meta(stream_id), k.events(stream_id, source), *self._expiring(stream_id), k.running],
+                keys=[k.meta(stream_id), *self._expiring(stream_id), k.running],
                 args=[k.channel(stream_id), self.settings.retention_s * 1000, now_ms(), stream_id, source,
-                      self.settings.max_source_events, *texts],
+                      self.settings.max_source_events, -1 if expected is None else expected, *texts],
             ),
         )
+
+    async def renew(self, stream_id: str, source: Source, worker: str) -> int:
+        """Extend this worker's lease on a running source. 1: renewed; 0: the source is not running
+        any more; -1: the lease had expired, and the source has just ended with `worker_lost`."""
+        k = self.keys
+        return cast(
+            int,
+            await self._renew(
+                keys=[k.meta(stream_id), *self._expiring(stream_id), k.running],
+                args=[k.channel(stream_id), self.settings.retention_s * 1000, now_ms(), stream_id, source,
+                      worker, self.lease_ttl_ms],
+            ),
+        )
+
+    async def reap(self, stream_id: str, source: Source) -> int:
+        """End a running source whose lease is gone with `worker_lost`. 1 when it did."""
+        k = self.keys
+        return cast(
+            int,
+            await self._reap(
+                keys=[k.meta(stream_id), *self._expiring(stream_id), k.running],
+                args=[k.channel(stream_id), self.settings.retention_s * 1000, now_ms(), stream_id, source],
+            ),
+        )
+
+    async def overdue(self, now: int, limit: int) -> list[tuple[str, Source]]:
+        """`running` members whose lease deadline has passed, oldest first."""
+        rows = await self.redis.zrangebyscore(self.keys.running, "-inf", now, start=0, num=limit)
+        return [m for m in (_member(r) for r in rows) if m is not None]
+
+    async def running_streams(self) -> set[str]:
+        """Ids of the streams with a source running now."""
+        rows = await self.redis.zrange(self.keys.running, 0, -1)
+        return {m[0] for m in (_member(r) for r in rows) if m is not None}
+
+    async def streams_with_readers(self, stream_ids: Sequence[str]) -> set[str]:
+        """Which of `stream_ids` have an SSE connection open on a live API process (the counts each
+        API publishes once a second, api/readers.py)."""
+        if not stream_ids:
+            return set()
+        apis = await self.redis.zrangebyscore(self.keys.apis, now_ms(), "+inf")
+        read: set[str] = set()
+        for api in apis:
+            key = self.keys.readers(_s(api))
+            for i in range(0, len(stream_ids), 1000):
+                chunk = stream_ids[i : i + 1000]
+                counts = await self.redis.hmget(key, list(chunk))  # type: ignore[misc]
+                read.update(sid for sid, n in zip(chunk, counts, strict=True) if n is not None and int(n) > 0)
+        return read
+
+    async def abort_jobs(self, stream_id: str) -> None:
+        """Ask arq to cancel both sources' jobs (it looks every poll_delay), as DELETE does."""
+        await self.redis.zadd(abort_jobs_ss, {self.keys.job_id(stream_id, src): now_ms() for src in SOURCES})
+
+    async def trim_index(self, after: float, before_ms: int, limit: int) -> tuple[int, float]:
+        """Drop index entries, created in [after, before_ms], whose stream has expired. Returns how
+        many were dropped and where the next call starts (-inf once the range is done)."""
+        rows = await self.redis.zrangebyscore(self.keys.index, after, before_ms, start=0, num=limit, withscores=True)
+        if not rows:
+            return 0, float("-inf")
+        async with self.redis.pipeline(transaction=False) as p:
+            for sid, _ in rows:
+                p.exists(self.keys.meta(_s(sid)))
+            exists = await p.execute()
+        gone = [sid for (sid, _), e in zip(rows, exists, strict=True) if not e]
+        if gone:
+            await self.redis.zrem(self.keys.index, *gone)
+        return len(gone), (float(rows[-1][1]) if len(rows) == limit else float("-inf"))
+
+    async def trim_aborts(self, before_ms: int) -> int:
+        """arq drops an `arq:abort` entry only when one of its workers was running that job; drop the
+        ones old enough that no job can still need them."""
+        return cast(int, await self.redis.zremrangebyscore(abort_jobs_ss, "-inf", before_ms))
 
     async def finish(self, stream_id: str, sources: Sequence[Source], fields: Sequence[str]) -> int:
         """Append a terminal entry to each of `sources` that is not terminal yet; settle the stream."""
@@ -298,8 +473,8 @@ class Store:
             ),
         )
 
-    async def cancel(self, stream_id: str) -> int:
-        return await self.finish(stream_id, SOURCES, error_fields("cancelled", "cancelled by request"))
+    async def cancel(self, stream_id: str, message: str = "cancelled by request") -> int:
+        return await self.finish(stream_id, SOURCES, error_fields("cancelled", message))
 
     def _expiring(self, stream_id: str) -> list[str]:
         k = self.keys
@@ -308,6 +483,12 @@ class Store:
 
 def is_terminal(state: str | None) -> bool:
     return state in TERMINAL_STATES
+
+
+def _member(raw: Any) -> tuple[str, Source] | None:
+    """`<id>:<source>`, a member of the `running` ZSET."""
+    sid, _, src = _s(raw).rpartition(":")
+    return (sid, src) if sid and src in SOURCES else None  # type: ignore[return-value]
 
 
 def _s(v: Any) -> str:

@@ -3,14 +3,20 @@
 The first chunk goes out at once; chunks that arrive while an append is in flight wait for it and
 go together in the next one. A quiet source pays no added latency; a burst costs one round trip
 per batch instead of one per token.
+
+While Redis is unavailable, an append is retried (workers/lease.py, `redis_retry`) and chunks keep
+queueing up to 4 batches, then the task waits. Each append carries the count appended before it, so
+a retry whose first attempt did reach Redis is not written twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from shared.keys import Source
 from shared.store import Store
+from workers.lease import redis_retry
 
 
 class Appender:
@@ -45,7 +51,8 @@ class Appender:
     async def _drain(self) -> None:
         while self._buf and not self.stopped:
             batch, self._buf = self._buf[: self._max_batch], self._buf[self._max_batch :]
-            n = await self._store.append(self._stream_id, self._source, batch)
+            append = partial(self._store.append, self._stream_id, self._source, batch, self.appended)
+            n = await redis_retry(append, "append", self._stream_id)
             if n < 0:
                 self.stopped = True
                 self._buf.clear()

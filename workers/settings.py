@@ -1,23 +1,38 @@
-"""arq worker configuration, built from tandem's Settings."""
+"""arq worker configuration, built from tandem's Settings, and arq's Worker made to outlive Redis
+outages (TandemWorker)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import secrets
 import socket
+import time
+from signal import Signals
 from typing import Any
 
 import httpx
 import orjson
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, func
+from redis.exceptions import WatchError
 
 from shared.settings import Settings
 from shared.store import Store
 from workers.job import run_source
+from workers.lease import BACKOFF_MAX_S, REDIS_ERRORS, Sweeper, redis_retry
+from workers.metrics import start_worker_ops, stop_worker_ops
 from workers.registry import load_registry
 
 JOB_NAME = "run_source"
+JOB_TIMEOUT_MARGIN_S = 60  # arq's own timeout stays behind the job's (TANDEM_MAX_STREAM_S)
+
+log = logging.getLogger("tandem.worker")
+# What a Redis outage raises in arq's loop: redis-py turns a connection error inside a WATCH into
+# a WatchError, which arq expects only from EXEC.
+LOOP_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, WatchError)
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -45,8 +60,15 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         ctx["registry"] = registry
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         ctx["http"] = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        await start_worker_ops(ctx, settings)  # /metrics on TANDEM_WORKER_METRICS_PORT, heartbeat for `tandem stats`
+        sweeper = ctx["sweeper"] = Sweeper(ctx["store"], settings, ctx["worker_id"])
+        sweeper.start()  # ends the sources of dead workers (leases), orphans, index trim
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        sweeper: Sweeper | None = ctx.get("sweeper")
+        if sweeper is not None:
+            await sweeper.stop()
+        await stop_worker_ops(ctx)
         http: httpx.AsyncClient | None = ctx.get("http")
         if http is not None:
             await http.aclose()
@@ -62,11 +84,81 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "allow_abort_jobs": True,
         "max_jobs": settings.worker_max_jobs,
         "poll_delay": settings.worker_poll_delay_s,
-        "job_timeout": settings.max_stream_s,
-        "keep_result": 60,
+        "job_timeout": settings.max_stream_s + JOB_TIMEOUT_MARGIN_S,
+        "keep_result": min(60, settings.retention_s),  # a job's result never outlives its stream
         "handle_signals": True,
+        # SIGTERM: stop taking jobs, let running ones finish for this long, then cancel the rest
+        # (their sources end with `worker_lost`, "worker shut down"). 0: cancel at once.
+        "job_completion_wait": settings.worker_drain_s,
+        "ctx": {"stopping": asyncio.Event()},  # set on SIGTERM/SIGINT; jobs see it (their ctx is a copy)
     }
 
 
+class TandemWorker(Worker):
+    """arq's Worker, plus: a Redis outage does not end the process. arq's poll loop raises on the
+    first connection error and the worker exits; here each failed poll is logged and retried with
+    backoff (100 ms doubling to 2 s) while running jobs carry on (their writes retry by themselves),
+    and the worker goes on as soon as Redis answers. A job that arq could not start or finish
+    because of the outage is released (its in-progress key deleted) so it runs, or is closed, at
+    once rather than after arq's in-progress timeout."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._down_since = 0.0
+        self._backoff = 0.1
+
+    def _stopping(self, signum: Signals) -> None:
+        stopping: asyncio.Event | None = self.ctx.get("stopping")
+        if stopping is not None:
+            stopping.set()
+        log.info("worker stopping", extra={"signal": Signals(signum).name, "drain_s": self._job_completion_wait, "running": len(self.tasks)})
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        self._stopping(signum)
+        super().handle_sig_wait_for_completion(signum)
+
+    def handle_sig(self, signum: Signals) -> None:
+        self._stopping(signum)
+        super().handle_sig(signum)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except LOOP_ERRORS as e:
+            if not self._down_since:
+                self._down_since = time.monotonic()
+                log.warning("Redis unavailable; the worker keeps retrying", extra={"error": str(e) or type(e).__name__})
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+            return
+        if self._down_since:
+            log.info("Redis is back; the worker goes on", extra={"after_s": round(time.monotonic() - self._down_since, 2)})
+            self._down_since, self._backoff = 0.0, 0.1
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        try:
+            await super().start_jobs(job_ids)
+        except LOOP_ERRORS:
+            # arq took a slot for the job being claimed and fails without giving it back.
+            self.job_counter -= 1
+            self.sem.release()
+            raise
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except LOOP_ERRORS as e:
+            log.warning("job interrupted by a Redis outage; releasing it", extra={"job": job_id, "error": str(e)})
+            await redis_retry(lambda: self.pool.delete(in_progress_key_prefix + job_id), "release job")
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        except REDIS_ERRORS as e:
+            log.warning("Redis unavailable at shutdown", extra={"error": str(e)})
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+
+
 def make_worker(settings: Settings) -> Worker:
-    return Worker(**worker_options(settings))
+    return TandemWorker(**worker_options(settings))
