@@ -74,6 +74,9 @@ def cmd_api(settings: Settings, host: str, port: int) -> int:
         access_log=False,  # URLs carry stream tokens: never log them
         log_level="warning",
         timeout_graceful_shutdown=max(1, int(settings.sse_shutdown_grace_s) + 2),
+        # Longer than any proxy's idle upstream keepalive (deploy/nginx.conf: 60s), so the proxy always
+        # closes an idle connection first; else a POST can meet a connection closing under it (502).
+        timeout_keep_alive=75,
     )
     return 0
 
