@@ -25,7 +25,7 @@ from api.metrics import ApiMetrics
 from api.schemas import CreateStream
 from api.sse import Shutdown, SseResponse, event_stream
 from shared.cursor import START, Cursor, CursorError
-from shared.events import Event, state_after
+from shared.events import Event
 from shared.keys import SOURCES, Source
 from shared.pacing import Pacer, Phase
 from shared.settings import Settings
@@ -178,23 +178,15 @@ async def stream_events(
     meta = await _authorized_meta(state, stream_id, token, authorization)
     raw = last_event_id if last_event_id is not None else last_event_id_q
     cursor = START
-    fields: dict[str, str] | None = None
     if raw is not None and raw != "":
         try:
             cursor = Cursor.parse(raw)
         except CursorError as e:
             raise ApiError(400, "bad_last_event_id", str(e)) from None
-        fields = await _check_cursor(store, stream_id, meta, cursor)
+        await _check_cursor(store, stream_id, meta, cursor)
         state.metrics.resumes.inc()
         if cursor.source == "end":
             return Response(status_code=204)
-    # Resuming right after a source's terminal event: that source is over for this connection.
-    a_state = meta.get("a_state") if cursor.source == "b" else None
-    b_state = None
-    if cursor.source == "a" and fields is not None and fields.get("type") != "delta":
-        a_state, cursor = state_after(fields), Cursor("b", "0-0")
-    elif cursor.source == "b" and fields is not None and fields.get("type") != "delta":
-        b_state = state_after(fields)
     if state.hub.listeners >= s.max_streams_per_process:
         raise ApiError(429, "too_many_streams", "this API process serves its maximum of open streams; retry", headers={"Retry-After": "1"})
 
@@ -259,24 +251,18 @@ async def stream_events(
     )
 
 
-async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], cursor: Cursor) -> dict[str, str] | None:
-    """A resume id must be one this stream issued: never someone else's position, never past the end.
-    Returns the fields of the entry it names."""
+async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], cursor: Cursor) -> None:
+    """A resume id must be one this stream issued: never someone else's position, never past the end."""
     if cursor.source == "end":
         if meta.get("status") not in ("completed", "failed", "cancelled"):
             raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
-        return None
+        return
     src: Source = cursor.source  # type: ignore[assignment]
     if src == "b" and not is_terminal(meta.get("a_state")):
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
     rows = await store.redis.xrange(store.keys.events(stream_id, src), min=cursor.entry, max=cursor.entry, count=1)
     if not rows:
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is not an event of this stream")
-    return {_str(f): _str(v) for f, v in rows[0][1].items()}
-
-
-def _str(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 # -- status and cancel -------------------------------------------------------------------------
