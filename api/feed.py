@@ -23,8 +23,8 @@ from shared.store import Store, is_terminal
 class Feed:
     __slots__ = ("_after", "_batch", "_behind", "_closed", "_dirty", "_store", "_stream_id", "b_completed_at", "pacer", "resyncs", "waker")
 
-    def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int, b_closed: bool = False) -> None:
-        """`cursor`: read strictly after it. `b_closed`: the cursor is B's terminal entry."""
+    def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
+        """`cursor`: read strictly after it (see `start_point`)."""
         self._store = store
         self._stream_id = stream_id
         self._batch = batch
@@ -38,7 +38,6 @@ class Feed:
         elif cursor.source == "b":
             self._closed["a"] = True
             self._after["b"] = cursor.entry
-            self._closed["b"] = b_closed
         self._behind: dict[str, bool] = {"a": True, "b": True}  # history may exist: read first
         self._dirty: dict[str, bool] = {"a": False, "b": False}
         self.b_completed_at: float | None = None  # perf_counter() when B's completion was noticed (metrics)
