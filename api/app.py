@@ -61,6 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Long-lived start-up objects need not be scanned by every full collection (tail latency).
         gc.collect()
         gc.freeze()
+        # Each open stream holds a few dozen tracked objects; with thousands open, frequent young
+        # collections and the full ones they trigger set the tail latency (PERFORMANCE.md).
+        gc.set_threshold(20_000, 50, 100)
         try:
             yield
         finally:
@@ -74,3 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(demo_router)  # the demo page at /
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def close_streams(app: FastAPI) -> int:
+    """End every open SSE stream of this process now (on SIGTERM): each body ends cleanly and its
+    client resumes on another replica with Last-Event-ID."""
+    state = getattr(app.state, "tandem", None)
+    return state.open_streams.close_all() if state is not None else 0

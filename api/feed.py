@@ -54,17 +54,18 @@ class Feed:
         src = ann.source
         if self._closed[src]:
             return
-        if src == "b" and not self.pacer.b_complete and any(f.get("type") != "delta" for _, f in ann.entries):
+        events = ann.events
+        if src == "b" and not self.pacer.b_complete and events and events[-1].terminal:
             self.pacer.b_completed()
             self.b_completed_at = time.perf_counter()  # not loop.time(): uvloop's has 1 ms resolution
             self.waker.set()
         self._dirty[src] = True
         if self._behind[src] or not self._wanted(src) or ann.prev != self._after[src]:
             self._behind[src] = True
-        elif self.pacer.pending(src) + len(ann.entries) > self._batch:
+        elif self.pacer.pending(src) + len(events) > self._batch:
             self._behind[src] = True  # the pacer is full: read these later, from Redis
         else:
-            self._take(src, [event_from_entry(src, eid, f) for eid, f in ann.entries])
+            self._take(src, events)
         self.waker.set()
 
     def on_resync(self) -> None:

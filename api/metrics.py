@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_SOURCE_KINDS = ("delta", "done", "error")
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -14,6 +15,12 @@ class ApiMetrics:
         self.streams_created = Counter("tandem_streams_created", "Streams created", registry=r)
         self.open_streams = Gauge("tandem_open_streams", "SSE connections open now", registry=r)
         self.events_sent = Counter("tandem_events_sent", "SSE events sent", ["source", "kind"], registry=r)
+        # Children bound once: a labels() lookup per event is measurable on the hot path.
+        self.events_sent_by = {
+            (src, kind): self.events_sent.labels(src, kind)
+            for src, kinds in (("a", _SOURCE_KINDS), ("b", _SOURCE_KINDS), ("stream", ("end", "error")))
+            for kind in kinds
+        }
         self.resumes = Counter("tandem_resumes", "SSE connections that resumed with Last-Event-ID", registry=r)
         self.flush_reaction = Histogram(
             "tandem_flush_reaction_seconds", "B completion noticed -> flushed A backlog sent", buckets=_FAST, registry=r

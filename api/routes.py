@@ -13,17 +13,16 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, job_key_prefix
 from arq.jobs import serialize_job
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import ORJSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from sse_starlette import ServerSentEvent
 
-from api.errors import ApiError
+from api.errors import ApiError, JSONBody
 from api.feed import Feed, start_point
 from api.hub import REDIS_DOWN, Hub
 from api.metrics import ApiMetrics
+from api.response import Liveness, OpenStreams, SSEResponse
 from api.schemas import CreateStream
-from api.sse import Shutdown, SseResponse, event_stream
+from api.sse import event_stream
 from shared.cursor import START, Cursor, CursorError
 from shared.events import Event
 from shared.keys import SOURCES, Source
@@ -43,6 +42,7 @@ class State:
 
     def __init__(self, settings: Settings, redis: ArqRedis, store: Store, hub: Hub, registry: Registry, metrics: ApiMetrics) -> None:
         self.settings, self.redis, self.store, self.hub, self.registry, self.metrics = settings, redis, store, hub, registry, metrics
+        self.open_streams = OpenStreams()  # closed all at once when the process shuts down
 
 
 def get_state(request: Request) -> State:
@@ -75,7 +75,7 @@ async def _authorized_meta(state: State, stream_id: str, token: str | None, auth
 
 
 @router.post("/v1/streams", status_code=201)
-async def create_stream(body: CreateStream, state: StateDep, authorization: Annotated[str | None, Header()] = None) -> ORJSONResponse:
+async def create_stream(body: CreateStream, state: StateDep, authorization: Annotated[str | None, Header()] = None) -> JSONBody:
     s = state.settings
     if s.api_key is not None:
         given = _bearer(authorization)
@@ -134,7 +134,7 @@ async def create_stream(body: CreateStream, state: StateDep, authorization: Anno
     state.metrics.streams_created.inc()
     log.info("stream created", extra={"stream": created.id, "a": tasks["a"][0], "b": tasks["b"][0]})
     base = f"/v1/streams/{created.id}"
-    return ORJSONResponse(
+    return JSONBody(
         {
             "id": created.id,
             "token": created.token,
@@ -220,9 +220,12 @@ async def stream_events(
     log.info("reader connected", extra={"stream": stream_id, "resume_from": str(cursor) if cursor != START else None})
 
     def on_close() -> None:
+        state.open_streams.discard(live)
         state.hub.unsubscribe(channel, feed)
         metrics.open_streams.dec()
         log.info("reader disconnected", extra={"stream": stream_id, "seconds": round(loop.time() - opened, 3)})
+
+    sent = metrics.events_sent_by
 
     def on_events(items: list[Event | Phase], now: float) -> None:
         for item in items:
@@ -230,25 +233,21 @@ async def stream_events(
                 if item.phase == "flush" and feed.b_completed_at is not None:
                     metrics.flush_reaction.observe(max(0.0, time.perf_counter() - feed.b_completed_at))
                 continue
-            metrics.events_sent.labels(item.source, item.kind).inc()
+            sent[item.source, item.kind].inc()
             if first[0] and item.kind == "delta":
                 first[0] = False
                 metrics.first_delta.observe(now - opened)
 
-    shutdown = Shutdown(feed)  # set by sse-starlette on SIGTERM: the body ends, the client resumes elsewhere
+    live = Liveness(feed.waker)
+    state.open_streams.add(live)
     body = event_stream(
         feed, meta_doc, s.sse_retry_ms, on_close, on_events,  # type: ignore[arg-type]
-        shutdown=shutdown, hub_connected=state.hub.connected.is_set,
+        live=live, ping_s=s.sse_ping_s, hub_connected=state.hub.connected.is_set,
     )
-    return SseResponse(
-        body,
-        ping=s.sse_ping_s,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping"),
-        send_timeout=s.sse_send_timeout_s,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        shutdown_event=shutdown,  # type: ignore[arg-type]
-        shutdown_grace_period=s.sse_shutdown_grace_s,
-    )
+    return SSEResponse(body, live, send_timeout_s=s.sse_send_timeout_s, headers=SSE_HEADERS)
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], cursor: Cursor) -> None:
@@ -271,15 +270,15 @@ async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], curs
 @router.get("/v1/streams/{stream_id}")
 async def stream_status(
     stream_id: str, state: StateDep, token: str | None = None, authorization: Annotated[str | None, Header()] = None
-) -> ORJSONResponse:
+) -> JSONBody:
     meta = await _authorized_meta(state, stream_id, token, authorization)
-    return ORJSONResponse(await state.store.status(stream_id, meta))
+    return JSONBody(await state.store.status(stream_id, meta))
 
 
 @router.delete("/v1/streams/{stream_id}")
 async def cancel_stream(
     stream_id: str, state: StateDep, token: str | None = None, authorization: Annotated[str | None, Header()] = None
-) -> ORJSONResponse:
+) -> JSONBody:
     meta = await _authorized_meta(state, stream_id, token, authorization)
     store = state.store
     # Terminal `cancelled` entries first (readers see them at once), then arq stops the jobs.
@@ -287,7 +286,7 @@ async def cancel_stream(
     await state.redis.zadd(abort_jobs_ss, {store.keys.job_id(stream_id, src): now_ms() for src in SOURCES})
     log.info("stream cancelled", extra={"stream": stream_id})
     meta = await store.meta(stream_id) or meta
-    return ORJSONResponse(await store.status(stream_id, meta))
+    return JSONBody(await store.status(stream_id, meta))
 
 
 # -- operations --------------------------------------------------------------------------------
@@ -299,14 +298,14 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(state: StateDep) -> ORJSONResponse:
+async def readyz(state: StateDep) -> JSONBody:
     try:
         await asyncio.wait_for(state.redis.ping(), timeout=1.0)
     except (TimeoutError, *REDIS_DOWN):
-        return ORJSONResponse({"error": {"code": "redis_unavailable", "message": "Redis is not answering"}}, status_code=503)
+        return JSONBody({"error": {"code": "redis_unavailable", "message": "Redis is not answering"}}, status_code=503)
     if not state.hub.connected.is_set():
-        return ORJSONResponse({"error": {"code": "redis_unavailable", "message": "the live reader is reconnecting"}}, status_code=503)
-    return ORJSONResponse({"status": "ready"})
+        return JSONBody({"error": {"code": "redis_unavailable", "message": "the live reader is reconnecting"}}, status_code=503)
+    return JSONBody({"status": "ready"})
 
 
 @router.get("/metrics")

@@ -63,10 +63,19 @@ def parser() -> argparse.ArgumentParser:
 def cmd_api(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
-    from api.app import create_app
+    from api.app import close_streams, create_app
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # Open SSE responses never finish on their own: end them now, so the graceful
+            # shutdown takes moments and every client resumes elsewhere.
+            close_streams(app)
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    config = uvicorn.Config(
+        app,
         host=host,
         port=port,
         loop="uvloop",
@@ -78,6 +87,7 @@ def cmd_api(settings: Settings, host: str, port: int) -> int:
         # closes an idle connection first; else a POST can meet a connection closing under it (502).
         timeout_keep_alive=75,
     )
+    Server(config).run()
     return 0
 
 

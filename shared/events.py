@@ -9,7 +9,7 @@ exact bytes of one SSE message. Nothing else in the project builds either format
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -65,13 +65,22 @@ def final_status(a_state: str, b_state: str) -> str:
 # -- pub/sub payload ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Announcement:
     """One append as announced on a stream's channel: the entries, and the id before them."""
 
     source: Source
     prev: str
     entries: list[Entry]
+    _events: list[Event] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def events(self) -> list[Event]:
+        """The entries as events, built once and shared by every reader of the stream (and so is
+        each event's encoded form)."""
+        if self._events is None:
+            self._events = [event_from_entry(self.source, eid, f) for eid, f in self.entries]
+        return self._events
 
 
 def parse_announcement(payload: bytes | str) -> Announcement:
@@ -90,19 +99,24 @@ def parse_announcement(payload: bytes | str) -> Announcement:
 # -- SSE ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     kind: Kind
     source: str  # "a", "b", or "stream"
     cursor: Cursor
     data: dict[str, Any]
+    _wire: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
         return self.kind in ("done", "error")
 
     def sse(self) -> bytes:
-        return sse_message(self.kind, self.data, str(self.cursor))
+        """The SSE message, encoded once however many connections send it."""
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = sse_message(self.kind, self.data, str(self.cursor))
+        return wire
 
 
 def event_from_entry(source: Source, entry_id: str, fields: Fields) -> Event:

@@ -37,17 +37,17 @@ _PHASES = {p: Phase(p) for p in ("slow", "flush", "waiting", "b")}
 
 class Pacer:
     __slots__ = (
-        "slow_interval",
-        "b_interval",
         "_a",
+        "_a_state",
         "_b",
         "_b_complete",
-        "_a_state",
         "_b_state",
         "_next_a",
         "_next_b",
         "_phase",
+        "b_interval",
         "finished",
+        "slow_interval",
     )
 
     def __init__(

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from shared.keys import Source
 from shared.settings import Settings
 
-O = TypeVar("O", bound=BaseModel)
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 class TaskError(Exception):
@@ -43,8 +43,8 @@ class TaskContext:
 
 
 @dataclass(frozen=True)
-class Task(Generic[O]):
+class Task(Generic[OptionsT]):
     name: str
-    options: type[O]
-    run: Callable[[str, O, TaskContext], AsyncIterator[str]]
+    options: type[OptionsT]
+    run: Callable[[str, OptionsT, TaskContext], AsyncIterator[str]]
     description: str = ""

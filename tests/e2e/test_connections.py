@@ -58,7 +58,7 @@ def test_1000_open_streams_hold_few_redis_connections(tmp_path: Path, redis_serv
             writers, ok = await open_streams(api.port or 0, [h["events_url"] for h in handles])
             await asyncio.sleep(0.5)
             held = len(api_connections(r, api.popen.pid))
-            metrics = httpx.get(base + "/metrics").text
+            metrics = (await asyncio.to_thread(httpx.get, base + "/metrics")).text
             assert "tandem_open_streams 1000.0" in metrics, [ln for ln in metrics.splitlines() if "open_streams" in ln]
             for w in writers:
                 w.close()

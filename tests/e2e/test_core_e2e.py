@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import threading
@@ -68,7 +69,7 @@ def test_paced_flush_then_b(live: Stack) -> None:
     a_deltas = [e for e in run.events if e.event == "delta" and e.data["source"] == "a"]
     before = [e for e in a_deltas if e.t * 1000 + offset < b_completed_ms]
     after = [e for e in a_deltas if e.t * 1000 + offset >= b_completed_ms]
-    gaps = [(y.t - x.t) * 1000 for x, y in zip(before, before[1:], strict=False)]
+    gaps = [(y.t - x.t) * 1000 for x, y in itertools.pairwise(before)]
     print(f"\nslow phase: {len(before)} A deltas, min gap {min(gaps):.1f} ms; backlog {len(after)} deltas")
     assert len(before) >= 5
     assert min(gaps) >= 190, "A is spaced by the slow interval while B runs"

@@ -23,10 +23,6 @@ from tests.client import parse_sse
 
 Event3 = tuple[str, str | None, dict[str, Any]]
 
-# FastAPI 0.165 deprecates ORJSONResponse (which api/ uses) with a UserWarning that pyproject's
-# DeprecationWarning filter does not cover; in-process, every JSON response would fail the test.
-pytestmark = pytest.mark.filterwarnings("ignore::fastapi.exceptions.FastAPIDeprecationWarning")
-
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:

@@ -1,0 +1,156 @@
+"""A lean ASGI response for SSE: one watcher task per connection, nothing per event.
+
+sse-starlette runs four tasks per response (sender, pinger, shutdown watcher, disconnect
+watcher) in an anyio task group; at thousands of open streams those tasks are most of a
+connection's memory and about half of the per-event cost (PERFORMANCE.md). Here the request's own
+task sends (the body iterator already merges events and pings, since it knows when it last sent),
+one small task waits for the client's disconnect, and shutdown is a flag the process sets on every
+open stream. Its wire format is still built by shared/events.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from api.waker import Waker
+
+log = logging.getLogger("tandem.api")
+
+
+class Liveness:
+    """Why a stream should stop: the client left, the process is shutting down, or sends stall."""
+
+    __slots__ = ("reason", "waker")
+
+    def __init__(self, waker: Waker) -> None:
+        self.reason: str | None = None
+        self.waker = waker
+
+    @property
+    def closed(self) -> bool:
+        return self.reason is not None
+
+    def close(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.waker.set()
+
+
+class OpenStreams:
+    """Every open stream of this process, so shutdown can close them all at once."""
+
+    def __init__(self) -> None:
+        self._open: set[Liveness] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, live: Liveness) -> None:
+        self._open.add(live)
+
+    def discard(self, live: Liveness) -> None:
+        self._open.discard(live)
+
+    def close_all(self, reason: str = "shutdown") -> int:
+        n = len(self._open)
+        for live in list(self._open):
+            live.close(reason)
+        return n
+
+
+class SSEResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        live: Liveness,
+        *,
+        send_timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(body, status_code=200, headers=headers, media_type=self.media_type)
+        self.live = live
+        self.send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        live = self.live
+        watcher = loop.create_task(_watch_disconnect(receive, live))
+        me = asyncio.current_task()
+        stalled = False
+
+        def stall() -> None:
+            nonlocal stalled
+            stalled = True
+            live.close("send_timeout")
+            if me is not None:
+                me.cancel()  # the send is blocked in the server's flow control: only a cancel ends it
+
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                if live.closed:
+                    break
+                # A reader that accepts nothing for send_timeout_s is cut off (it can resume).
+                timer = loop.call_later(self.send_timeout_s, stall)
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finally:
+                    timer.cancel()
+            if live.reason != "disconnect":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not stalled or me is None:
+                raise
+            # Our own cancel, from stall(). Closing the transport would wait to flush its buffer,
+            # that is forever for a client that never reads: abort it (RST) instead.
+            me.uncancel()
+            transport = find_transport(send)
+            log.warning("reader stopped reading; connection cut", extra={"send_timeout_s": self.send_timeout_s})
+            if transport is not None:
+                transport.abort()
+        finally:
+            watcher.cancel()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _watch_disconnect(receive: Receive, live: Liveness) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            live.close("disconnect")
+            return
+
+
+def find_transport(send: Any, depth: int = 16) -> asyncio.Transport | None:
+    """The server's transport behind an ASGI `send`: the callable chain ends in a bound method of
+    the server's request cycle (uvicorn: `RequestResponseCycle.send`), whose `transport` it is.
+    Middleware wraps `send` in closures; they are followed through their cells."""
+    seen: set[int] = set()
+    todo = [send]
+    while todo and len(seen) < depth * 4:
+        fn = todo.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        owner = getattr(fn, "__self__", None)
+        transport = getattr(owner, "transport", None)
+        if transport is not None and callable(getattr(transport, "abort", None)):
+            return transport  # type: ignore[no-any-return]
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if callable(value):
+                todo.append(value)
+    return None
