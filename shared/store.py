@@ -378,15 +378,18 @@ class Store:
 
         `expected`: how many deltas this caller appended before; with it, retrying an append whose
         reply was lost does not write it twice."""
-        k = self.keys
-        return cast(
-            int,
-            await self._append(
-                keys=[k.meta(stream_id), *self._expiring(stream_id), k.running],
-                args=[k.channel(stream_id), self.settings.retention_s * 1000, now_ms(), stream_id, source,
-                      self.settings.max_source_events, -1 if expected is None else expected, *texts],
-            ),
-        )
+        return cast(int, await self._append(keys=self._append_keys(stream_id), args=self._append_args(stream_id, source, texts, expected)))
+
+    async def queue_append(self, pipe: Any, stream_id: str, source: Source, texts: Sequence[str], expected: int | None) -> None:
+        """The same append, queued on a pipeline (workers/pipe.py writes many sources' at once)."""
+        await self._append(keys=self._append_keys(stream_id), args=self._append_args(stream_id, source, texts, expected), client=pipe)
+
+    def _append_keys(self, stream_id: str) -> list[str]:
+        return [self.keys.meta(stream_id), *self._expiring(stream_id), self.keys.running]
+
+    def _append_args(self, stream_id: str, source: Source, texts: Sequence[str], expected: int | None) -> list[str | int]:
+        return [self.keys.channel(stream_id), self.settings.retention_s * 1000, now_ms(), stream_id, source,
+                self.settings.max_source_events, -1 if expected is None else expected, *texts]
 
     async def renew(self, stream_id: str, source: Source, worker: str) -> int:
         """Extend this worker's lease on a running source. 1: renewed; 0: the source is not running

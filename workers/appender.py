@@ -1,10 +1,12 @@
-"""Batches a task's chunks into as few append round trips as the load needs.
+"""Batches a task's chunks into as few appends as the load needs.
 
-The first chunk goes out at once; chunks that arrive while an append is in flight wait for it and
-go together in the next one. A quiet source pays no added latency; a burst costs one round trip
-per batch instead of one per token.
+`add` only buffers; the worker's one `AppendPipe` (workers/pipe.py) takes what every running source
+has buffered and writes it in one pipelined round trip. The first chunk of a quiet source goes out
+at once; chunks that arrive while a write is in flight go together in the next one. So a burst, or
+a thousand paced sources, cost one round trip per batch instead of one per token, and no task or
+future is made per token.
 
-While Redis is unavailable, an append is retried (workers/lease.py, `redis_retry`) and chunks keep
+While Redis is unavailable the pipe retries (workers/lease.py, `redis_retry`) and chunks keep
 queueing up to 4 batches, then the task waits. Each append carries the count appended before it, so
 a retry whose first attempt did reach Redis is not written twice.
 """
@@ -12,49 +14,75 @@ a retry whose first attempt did reach Redis is not written twice.
 from __future__ import annotations
 
 import asyncio
-from functools import partial
+from typing import TYPE_CHECKING
 
 from shared.keys import Source
-from shared.store import Store
-from workers.lease import redis_retry
+
+if TYPE_CHECKING:
+    from workers.pipe import AppendPipe
 
 
 class Appender:
-    def __init__(self, store: Store, stream_id: str, source: Source, max_batch: int) -> None:
-        self._store = store
-        self._stream_id = stream_id
-        self._source = source
+    __slots__ = ("_buf", "_error", "_idle", "_inflight", "_max_batch", "_pipe", "_queued", "appended", "source", "stopped", "stream_id")
+
+    def __init__(self, pipe: AppendPipe, stream_id: str, source: Source, max_batch: int) -> None:
+        self._pipe = pipe
+        self.stream_id = stream_id
+        self.source: Source = source
         self._max_batch = max_batch
         self._buf: list[str] = []
-        self._inflight: asyncio.Task[None] | None = None
+        self._queued = False  # waiting in the pipe's ready set
+        self._inflight = False  # a batch of ours is being written
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
         self.appended = 0
         self.stopped = False  # the source is no longer running (cancelled, too long, lost)
 
     async def add(self, text: str) -> bool:
         """Queue one chunk. False once the source has stopped: the caller stops producing."""
+        if self._error is not None:
+            raise self._error
+        if self.stopped:
+            return False
         self._buf.append(text)
-        if self._inflight is None or self._inflight.done():
-            if self._inflight is not None:
-                self._inflight.result()  # surface an append's failure here, in the task's flow
-            self._inflight = asyncio.create_task(self._drain())
-        elif len(self._buf) >= self._max_batch * 4:
-            await asyncio.shield(self._inflight)  # backpressure: producer faster than Redis
+        self._idle.clear()
+        if not self._queued and not self._inflight:
+            self._queued = True
+            self._pipe.want(self)
+        if len(self._buf) >= self._max_batch * 4:
+            await self._idle.wait()  # backpressure: the producer is faster than Redis
+            if self._error is not None:
+                raise self._error
         return not self.stopped
 
     async def close(self) -> None:
         """Wait until everything queued is appended (or the source stopped)."""
-        if self._inflight is not None:
-            await self._inflight
-        if self._buf and not self.stopped:
-            await self._drain()
+        await self._idle.wait()
+        if self._error is not None:
+            raise self._error
 
-    async def _drain(self) -> None:
-        while self._buf and not self.stopped:
-            batch, self._buf = self._buf[: self._max_batch], self._buf[self._max_batch :]
-            append = partial(self._store.append, self._stream_id, self._source, batch, self.appended)
-            n = await redis_retry(append, "append", self._stream_id)
-            if n < 0:
-                self.stopped = True
-                self._buf.clear()
-            else:
-                self.appended += n
+    # -- called by the pipe ----------------------------------------------------------------------
+
+    def take(self) -> tuple[list[str], int]:
+        """The next batch, and how many deltas were appended before it."""
+        batch, self._buf = self._buf[: self._max_batch], self._buf[self._max_batch :]
+        self._queued, self._inflight = False, True
+        return batch, self.appended
+
+    def applied(self, n: int | BaseException) -> bool:
+        """The result of our batch. True when more is buffered (the pipe takes us again)."""
+        self._inflight = False
+        if isinstance(n, BaseException):
+            self._error, self.stopped = n, True
+        elif n < 0:
+            self.stopped = True
+        else:
+            self.appended += n
+        if self.stopped:
+            self._buf.clear()
+        if self._buf:
+            self._queued = True
+            return True
+        self._idle.set()
+        return False

@@ -73,7 +73,7 @@ async def _run(ctx: dict[str, Any], store: Store, registry: Registry, stream_id:
         await _finish(store, stream_id, src, lease, error_fields("unknown_task", f"this worker has no task named {name!r}"))
         return "failed"
     tctx = TaskContext(stream_id=stream_id, source=src, settings=store.settings, http=ctx.get("http"))
-    appender = Appender(store, stream_id, src, store.settings.append_max_batch)
+    appender = ctx["pipe"].appender(stream_id, src, store.settings.append_max_batch)
     run = source_run(ctx, src, name, appender)  # metrics: tokens as appended, duration, outcome
     log.info("source started", extra={"stream": stream_id, "source": src, "task": name})
     try:

@@ -24,6 +24,7 @@ from shared.store import Store
 from workers.job import run_source
 from workers.lease import BACKOFF_MAX_S, REDIS_ERRORS, Sweeper, redis_retry
 from workers.metrics import start_worker_ops, stop_worker_ops
+from workers.pipe import AppendPipe
 from workers.registry import load_registry
 
 JOB_NAME = "run_source"
@@ -57,6 +58,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
         ctx["store"] = Store(redis, settings)
+        ctx["pipe"] = AppendPipe(ctx["store"])  # one writer for every running source's tokens
+        ctx["pipe"].start()
         ctx["registry"] = registry
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         ctx["http"] = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
@@ -68,6 +71,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         sweeper: Sweeper | None = ctx.get("sweeper")
         if sweeper is not None:
             await sweeper.stop()
+        pipe: AppendPipe | None = ctx.get("pipe")
+        if pipe is not None:
+            await pipe.stop()
         await stop_worker_ops(ctx)
         http: httpx.AsyncClient | None = ctx.get("http")
         if http is not None:

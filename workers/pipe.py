@@ -1,0 +1,79 @@
+"""One writer per worker process: the buffered chunks of every running source, in one pipeline.
+
+A worker runs many sources at once (TANDEM_WORKER_MAX_JOBS); at a thousand paced sources, one
+script call per token would cost a round trip and a task each, most of the worker's CPU. Here one
+task writes, and whatever all sources buffered while the previous write was in flight goes
+together in the next (one EVALSHA per source, pipelined, not a transaction: each script is atomic
+on its own stream's keys, so the batch stays legal on Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.store import Store
+from workers.appender import Appender
+from workers.lease import redis_retry
+
+log = logging.getLogger("tandem.worker")
+Call = tuple[Appender, list[str], int]
+
+
+class AppendPipe:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._ready: dict[Appender, None] = {}  # an ordered set: first come, first written
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tandem-append-pipe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def appender(self, stream_id: str, source: str, max_batch: int) -> Appender:
+        return Appender(self, stream_id, source, max_batch)  # type: ignore[arg-type]
+
+    def want(self, appender: Appender) -> None:
+        self._ready[appender] = None
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._ready:
+                batch = list(self._ready)
+                self._ready.clear()
+                calls: list[Call] = [(ap, *ap.take()) for ap in batch]
+                try:
+                    results = await redis_retry(lambda calls=calls: self._write(calls), "append")  # type: ignore[misc]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # not a connection problem: fail these sources, keep writing
+                    log.exception("append failed")
+                    results = [e] * len(calls)
+                for (ap, _, _), result in zip(calls, results, strict=True):
+                    if ap.applied(result):
+                        self._ready[ap] = None
+
+    async def _write(self, calls: list[Call]) -> list[int | BaseException]:
+        async with self._store.redis.pipeline(transaction=False) as p:
+            for ap, texts, expected in calls:
+                await self._store.queue_append(p, ap.stream_id, ap.source, texts, expected)
+            results = await p.execute(raise_on_error=False)
+        out: list[int | BaseException] = []
+        for r in results:
+            if isinstance(r, (RedisConnectionError, RedisTimeoutError)):
+                raise r  # the whole batch is retried; `expected` makes that safe
+            out.append(r if isinstance(r, BaseException) else int(r))
+        return out
