@@ -119,3 +119,23 @@ async def test_bad_last_event_id(client: httpx.AsyncClient, store: Store, bad: s
     r = await client.get(doc["events_url"], headers={"Last-Event-ID": bad})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "bad_last_event_id"
+
+
+async def test_keepalive_ping_while_nothing_happens(settings: Settings, store: Store) -> None:
+    """A quiet stream sends a `: ping` comment every TANDEM_SSE_PING_S, and still ends normally."""
+    app = create_app(settings.model_copy(update={"sse_ping_s": 0.05}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tandem.test") as c:
+            h = await create(c)
+
+            async def later() -> None:
+                await asyncio.sleep(0.3)
+                await work(store, h["id"], ["x"], ["y"], done_fields(1), done_fields(1))
+
+            writer = asyncio.create_task(later())
+            status, events, raw = await read(c, h["events_url"])
+            await writer
+    assert status == 200
+    assert raw.count(b": ping\n\n") >= 3
+    assert [e[0] for e in events if e[1] is not None] == ["delta", "done", "delta", "done", "end"]

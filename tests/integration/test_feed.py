@@ -22,6 +22,7 @@ from redis.asyncio.client import PubSub
 
 from api.feed import Feed, start_point
 from api.hub import Hub
+from api.response import Liveness
 from api.sse import event_stream
 from shared.cursor import START, Cursor
 from shared.events import Event, done_fields, end_event, error_fields, event_from_entry
@@ -114,7 +115,11 @@ async def open_reader(
 async def run_reader(reader: Reader, hub: Hub, store: Store, sid: str, within: float = 20.0) -> Reader:
     loop = asyncio.get_running_loop()
     channel = store.keys.channel(sid)
-    body = cast(AsyncGenerator[bytes, None], event_stream(reader.feed, {"id": sid}, 1000, lambda: hub.unsubscribe(channel, reader.feed)))
+    live = Liveness(reader.feed.waker)
+    body = cast(
+        AsyncGenerator[bytes, None],
+        event_stream(reader.feed, {"id": sid}, 1000, lambda: hub.unsubscribe(channel, reader.feed), live=live, ping_s=15.0),
+    )
     buf = b""
     n = 0
     async with asyncio.timeout(within), aclosing(body) as chunks:
