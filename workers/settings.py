@@ -45,7 +45,14 @@ def redis_settings(settings: Settings) -> RedisSettings:
 
 
 def serialize(obj: Any) -> bytes:
-    return orjson.dumps(obj)
+    # arq also stores a job's result through this: an aborted job's result is its CancelledError.
+    return orjson.dumps(obj, default=_exception_as_json)
+
+
+def _exception_as_json(obj: Any) -> Any:
+    if isinstance(obj, BaseException):
+        return {"exception": type(obj).__name__, "message": str(obj)}
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def deserialize(data: bytes) -> Any:
