@@ -20,6 +20,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.background import cancel_and_wait
 from shared.events import Announcement, parse_announcement
 
 log = logging.getLogger("tandem.hub")
@@ -60,10 +61,7 @@ class Hub:
         self._task = asyncio.create_task(self._run(), name="tandem-hub")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._ps is not None:
             with contextlib.suppress(Exception):
                 await self._ps.aclose()  # type: ignore[no-untyped-call]

@@ -22,6 +22,7 @@ import time
 from redis.asyncio import Redis
 
 from api.hub import Hub
+from shared.background import cancel_and_wait
 from shared.keys import Keys
 
 log = logging.getLogger("tandem.api")
@@ -57,10 +58,7 @@ class ReaderCounts:
         self._task = asyncio.create_task(self._loop(), name="tandem-readers")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             async with self.redis.pipeline(transaction=True) as tx:
                 tx.zrem(self.keys.apis, self.api_id)

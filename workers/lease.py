@@ -27,7 +27,6 @@ goes on. An outage longer than the lease ends the source with ``worker_lost`` wh
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +35,7 @@ from typing import TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.background import cancel_and_wait
 from shared.keys import Source
 from shared.settings import Settings
 from shared.store import Store, now_ms
@@ -88,10 +88,7 @@ class Lease:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         every = self.store.settings.lease_s * RENEW_FRACTION
@@ -136,11 +133,8 @@ class Sweeper:
         self._task = asyncio.create_task(self._loop(), name="tandem-sweeper")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         failing = False

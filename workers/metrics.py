@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis.asyncio import Redis
 
+from shared.background import cancel_and_wait
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -194,10 +195,7 @@ class WorkerOps:
         self._task = asyncio.create_task(self._loop(), name="tandem-worker-heartbeat")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             async with self.redis.pipeline(transaction=True) as tx:
                 tx.zrem(self.keys.workers, self.worker_id)

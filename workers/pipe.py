@@ -10,12 +10,12 @@ on its own stream's keys, so the batch stays legal on Redis Cluster).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.background import cancel_and_wait
 from shared.store import Store
 from workers.appender import Appender
 from workers.lease import redis_retry
@@ -35,10 +35,7 @@ class AppendPipe:
         self._task = asyncio.create_task(self._run(), name="tandem-append-pipe")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def appender(self, stream_id: str, source: str, max_batch: int) -> Appender:
         return Appender(self, stream_id, source, max_batch)  # type: ignore[arg-type]

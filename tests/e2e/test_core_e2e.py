@@ -183,17 +183,11 @@ def test_serving_api_killed_mid_stream(live: Stack) -> None:
     h = create(victim.url, body({"tokens": 60, "interval_ms": 20}, {"delay_ms": 600, "text": "B after kill"}, slow=100))
     holder: dict[str, Run] = {}
 
-    def reader() -> None:
+    def reader() -> None:  # a connection open on the victim when it dies
         try:
             holder["run"] = read_events(victim.url, h["events_url"])
         except httpx.HTTPError:
             pass
-
-    partial: list[Any] = []
-
-    def collect() -> None:
-        # read_events returns what it got when the connection breaks; record via stop_after loop
-        pass
 
     t = threading.Thread(target=reader)
     first = read_events(victim.url, h["events_url"], stop_after=4)
@@ -202,6 +196,7 @@ def test_serving_api_killed_mid_stream(live: Stack) -> None:
     time.sleep(0.3)
     victim.kill()
     t.join(10)
+    assert not ("run" in holder and holder["run"].ended), "the kill came mid-stream, before `end` on the victim"
     run = read_events(other.url, h["events_url"], first.last_id)
     assert run.status == 200 and run.ended
     got = partial + [e for e in run.events if e.id]
