@@ -365,7 +365,8 @@ class Ops:
             p.info("memory")
             p.info("server")
             queued, ready, head, leases, indexed, workers, apis, health, mem, server = await p.execute()
-        # Jobs in progress: arq keeps a job in its queue ZSET until it ends, with an in-progress key.
+        # Jobs in progress: claimed by an arq worker (in-progress key), their source not started yet
+        # (a started source's job leaves the queue, shared/store.py).
         # Sources running: the running ZSET keeps a source until its whole stream settles, so each
         # member's state is checked.
         async with r.pipeline(transaction=False) as p:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
 from shared.events import TERMINAL_STATES, Entry, delta_fields, error_fields, fields_dict
@@ -154,10 +154,17 @@ return take
 """
 )
 
-# KEYS: meta, running, lease(src) ; ARGV: src, worker, lease_deadline_ms, stream_id, now_ms, lease_ttl_ms
+# KEYS: meta, running, lease(src), arq queue, arq job key, arq retry key
+# ARGV: src, worker, lease_deadline_ms, stream_id, now_ms, lease_ttl_ms, job_id
 # Returns the source's state before the call ('queued' means this caller now runs it). The claim
 # takes the source's lease; a repeated claim by the same worker (a retry whose reply was lost)
 # answers 'queued' again.
+# The claim also takes the job out of arq's queue. arq leaves a running job in its queue until it
+# finishes, and every worker re-examines every queued id on every poll (three round trips each),
+# so with thousands of sources running, job starts queued up behind seconds of re-checks. From
+# here on the source's lease covers a worker that dies (workers/lease.py), which is what arq's
+# re-run would have been for; before the claim, a job whose worker died is still in arq's queue
+# and runs again. The job's records live on only as long as the stream (arq keeps them a day).
 _START = r"""
 local st = redis.call('HGET', KEYS[1], ARGV[1] .. '_state')
 if st == 'running' and redis.call('HGET', KEYS[1], ARGV[1] .. '_worker') == ARGV[2]
@@ -170,6 +177,12 @@ if st == 'queued' then
   if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end
   redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[6])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[7])
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[5], ttl)
+    redis.call('PEXPIRE', KEYS[6], ttl)
+  end
 end
 return st or false
 """
@@ -367,9 +380,11 @@ class Store:
         """Claim a queued source and take its lease. Returns its state before the call; 'queued'
         means it is ours (also when this worker's own claim is retried)."""
         k, now = self.keys, now_ms()
+        job_id = k.job_id(stream_id, source)
         st = await self._start(
-            keys=[k.meta(stream_id), k.running, k.lease(stream_id, source)],
-            args=[source, worker, now + self.lease_ttl_ms, stream_id, now, self.lease_ttl_ms],
+            keys=[k.meta(stream_id), k.running, k.lease(stream_id, source), self.settings.queue_name,
+                  job_key_prefix + job_id, retry_key_prefix + job_id],
+            args=[source, worker, now + self.lease_ttl_ms, stream_id, now, self.lease_ttl_ms, job_id],
         )
         return _s(st) if st else None
 

@@ -10,8 +10,10 @@ However the job stops, the source gets exactly one terminal entry:
 - Redis goes away: every write is retried until it answers (a short outage loses nothing); an
   outage longer than the lease ends the source with `worker_lost` when Redis is back.
 
-A job that arq runs again (after a crash, or a shutdown that cancelled it) finds the source
-terminal and writes nothing: a task is not repeatable, so a source is never run twice.
+A job leaves arq's queue when its source starts (shared/store.py), so arq does not run it again
+after a crash or a shutdown. A job that runs again anyway finds the source terminal and writes
+nothing, or running, and ends it with `worker_lost`: a task is not repeatable, so a source is
+never run twice.
 """
 
 from __future__ import annotations

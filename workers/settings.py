@@ -149,6 +149,7 @@ class TandemWorker(Worker):
             self._down_since, self._backoff = 0.0, 0.1
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        job_ids = await self._startable(job_ids)
         try:
             await super().start_jobs(job_ids)
         except LOOP_ERRORS:
@@ -156,6 +157,20 @@ class TandemWorker(Worker):
             self.job_counter -= 1
             self.sem.release()
             raise
+
+    async def _startable(self, job_ids: list[bytes]) -> list[bytes]:
+        """The ids worth trying to claim. arq checks each id with three round trips in a row; ids
+        this worker runs, or whose in-progress key another worker holds, are dropped here first,
+        with one pipelined round trip for the lot (a job leaves the queue once its source is
+        claimed, shared/store.py, so these are the ids two workers raced for)."""
+        ids = [j for j in job_ids if j.decode() not in self.tasks]
+        if len(ids) < 2:
+            return ids
+        async with self.pool.pipeline(transaction=False) as p:
+            for j in ids:
+                p.exists(in_progress_key_prefix + j.decode())
+            busy = await p.execute()
+        return [j for j, b in zip(ids, busy, strict=True) if not b]
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:

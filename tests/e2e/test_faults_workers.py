@@ -181,11 +181,15 @@ def test_sigkill_mid_source_ends_with_worker_lost(tmp_path: Path, redis_server: 
         assert st["b"]["state"] == "done" and st["b"]["text"] == "B after the loss"
         assert run.of("end")[0].data["status"] == "failed" and st["status"] == "failed"
 
-        # arq re-runs the killed job only after its in-progress key expires (job timeout + 70 s);
-        # expire it now: the surviving worker runs the job again, which must write nothing.
+        # The job left arq's queue when its source started, so arq never runs it again by itself.
+        # A job that does run again (one killed after arq claimed it, before its source started, is
+        # still queued) must write nothing: put it back, release it, and let the survivor run it.
         k = Keys(s.prefix)
+        job_id = k.job_id(h["id"], "a")
+        assert r.zscore(s.env["TANDEM_QUEUE_NAME"], job_id) is None
         xlen = r.xlen(k.events(h["id"], "a"))
-        r.delete("arq:in-progress:" + k.job_id(h["id"], "a"))
+        r.zadd(s.env["TANDEM_QUEUE_NAME"], {job_id: 1})
+        r.delete("arq:in-progress:" + job_id)
         again = job_result(r, s, h["id"], "a", timeout=15)
         print(f"arq re-ran the job (try {again['t']}): returned {again['r']!r}, A entries {xlen} -> {r.xlen(k.events(h['id'], 'a'))}")
         assert again["t"] == 2 and again["r"] == "failed"
@@ -221,12 +225,17 @@ def test_sigterm_drains_then_ends_the_rest_with_worker_lost(tmp_path: Path, redi
         assert drain - 0.3 <= lost.t - t0 <= drain + 3, "running sources get the drain time, then end"
         assert exit_s <= drain + 5
 
-        # arq put the cancelled job back in its queue: another worker runs it, and it writes nothing.
+        # arq does not run the cancelled job again: it left the queue when its source started (and
+        # arq only releases a cancelled job, counting on it being queued still). Were it queued
+        # again, another worker would run it, and write nothing.
         k = Keys(s.prefix)
+        job_id = k.job_id(long["id"], "a")
+        assert r.zscore(s.env["TANDEM_QUEUE_NAME"], job_id) is None
         xlen = r.xlen(k.events(long["id"], "a"))
+        r.zadd(s.env["TANDEM_QUEUE_NAME"], {job_id: 1})
         s.start_worker()
         again = job_result(r, s, long["id"], "a", timeout=20)
-        print(f"the cancelled job re-ran on a new worker (try {again['t']}): returned {again['r']!r}")
+        print(f"the cancelled job, queued again, re-ran on a new worker (try {again['t']}): returned {again['r']!r}")
         assert again["r"] == "failed" and r.xlen(k.events(long["id"], "a")) == xlen
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
+from arq.constants import job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
@@ -130,6 +131,30 @@ async def test_start_claims_once(store: Store, redis: Redis) -> None:
     assert int(meta["a_started_ms"]) > 0
     assert await redis.zscore(store.keys.running, f"{sid}:a") is not None
     assert await store.start("no-such-stream", "a", "w1") is None
+
+
+async def test_claim_takes_the_job_out_of_arqs_queue(store: Store, redis: Redis) -> None:
+    # arq leaves a running job in its queue, where every worker re-checks it on every poll; once
+    # the source is claimed (and leased) the job leaves the queue, and its record lives no longer
+    # than the stream.
+    sid = await new_stream(store)
+    queue = store.settings.queue_name
+    jobs = {src: store.keys.job_id(sid, src) for src in ("a", "b")}
+    for job_id in jobs.values():
+        await redis.zadd(queue, {job_id: 1})
+        await redis.psetex(job_key_prefix + job_id, 86_400_000, b"{}")
+        await redis.psetex(retry_key_prefix + job_id, 86_400_000, b"1")
+    assert await store.start(sid, "a", "w1") == "queued"
+    assert await redis.zscore(queue, jobs["a"]) is None
+    assert await redis.zscore(queue, jobs["b"]) == 1  # not claimed yet: still arq's to run
+    meta_ttl = await redis.pttl(store.keys.meta(sid))
+    assert 0 < await redis.pttl(job_key_prefix + jobs["a"]) <= meta_ttl
+    assert 0 < await redis.pttl(retry_key_prefix + jobs["a"]) <= meta_ttl
+    assert await redis.pttl(job_key_prefix + jobs["b"]) > meta_ttl
+    # A claim that fails (taken, or terminal) leaves arq's queue alone.
+    await redis.zadd(queue, {jobs["a"]: 2})
+    assert await store.start(sid, "a", "w2") == "running"
+    assert await redis.zscore(queue, jobs["a"]) == 2
 
 
 # -- append ------------------------------------------------------------------------------------
