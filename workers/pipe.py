@@ -4,16 +4,13 @@ A worker runs many sources at once (TANDEM_WORKER_MAX_JOBS); at a thousand paced
 script call per token would cost a round trip and a task each, most of the worker's CPU. Here one
 task writes, and whatever all sources buffered while the previous write was in flight goes
 together in the next (one EVALSHA per source, pipelined, not a transaction: each script is atomic
-on its own stream's keys, so the batch stays legal on Redis Cluster).
+on its own stream's keys, so the batch stays legal on Redis Cluster; Store.append_many).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.background import cancel_and_wait
 from shared.store import Store
@@ -64,13 +61,4 @@ class AppendPipe:
                         self._ready[ap] = None
 
     async def _write(self, calls: list[Call]) -> list[int | BaseException]:
-        async with self._store.redis.pipeline(transaction=False) as p:
-            for ap, texts, expected in calls:
-                await self._store.queue_append(p, ap.stream_id, ap.source, texts, expected)
-            results = await p.execute(raise_on_error=False)
-        out: list[int | BaseException] = []
-        for r in results:
-            if isinstance(r, (RedisConnectionError, RedisTimeoutError)):
-                raise r  # the whole batch is retried; `expected` makes that safe
-            out.append(r if isinstance(r, BaseException) else int(r))
-        return out
+        return list(await self._store.append_many([(ap.stream_id, ap.source, texts, expected) for ap, texts, expected in calls]))

@@ -11,6 +11,7 @@ import pytest
 from arq.constants import job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ResponseError
 
 from shared.events import Announcement, done_fields, error_fields, parse_announcement
 from shared.keys import Source
@@ -184,6 +185,32 @@ async def test_append_and_read(store: Store, redis: Redis) -> None:
     pttl_meta = await redis.pttl(store.keys.meta(sid))
     pttl_a = await redis.pttl(store.keys.events(sid, "a"))
     assert 0 < pttl_a <= pttl_meta + 10 and pttl_meta - pttl_a < 5000
+
+
+async def test_append_many_in_one_round_trip(store: Store, redis: Redis) -> None:
+    s1, s2, queued = await running_stream(store), await running_stream(store), await new_stream(store)
+    out = await store.append_many([
+        (s1, "a", ["a1 ", "a2"], 0), (s2, "b", ["b1"], None), (queued, "a", ["x"], 0), (s1, "b", ["é\n"], 0),
+    ])  # fmt: skip
+    assert out == [2, 1, -1, 1]
+    assert await store.text(s1, "a") == "a1 a2" and await store.text(s2, "b") == "b1" and await store.text(s1, "b") == "é\n"
+    # Retried with the same `expected` (a lost reply): nothing is written twice.
+    assert await store.append_many([(s1, "a", ["a1 ", "a2"], 0)]) == [2]
+    assert await store.text(s1, "a") == "a1 a2"
+    # One call's error is that call's result; the others in the batch still run.
+    await redis.delete(store.keys.events(s2, "a"))
+    await redis.set(store.keys.events(s2, "a"), "not a stream")
+    out = await store.append_many([(s2, "a", ["x"], 0), (s1, "a", ["a3"], 2)])
+    assert isinstance(out[0], ResponseError) and out[1] == 1
+    assert await store.text(s1, "a") == "a1 a2a3"
+    assert await redis.ping()  # the pooled connection is in step after the error
+
+
+async def test_append_many_after_redis_forgot_the_script(store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)
+    await redis.script_flush()
+    assert await store.append_many([(sid, "a", ["x"], 0), (sid, "b", ["y"], 0)]) == [1, 1]
+    assert await store.text(sid, "a") == "x" and await store.text(sid, "b") == "y"
 
 
 async def test_append_to_a_queued_or_unknown_source_is_refused(store: Store) -> None:
