@@ -44,9 +44,11 @@ class CheckedPacer(Pacer):
         super().__init__(*args, **kw)
         self.max_pending = {"a": 0, "b": 0}
         self.log: list[str] = []  # shared with a CountingStore to see the order of reads and pushes
+        self.pushed: list[Event] = []
 
     def push(self, event: Event) -> None:
         super().push(event)
+        self.pushed.append(event)
         self.log.append(f"push {event.source} {event.kind}")
         src = event.source
         self.max_pending[src] = max(self.max_pending[src], self.pending(src))
@@ -398,6 +400,53 @@ async def test_gap_announcement_with_a_wrong_prev(hub: Hub, store: Store, redis:
     await task
     assert reader.events() == await expected(store, sid)
     assert all(e[2].get("text") != "BOGUS" for e in reader.events())
+
+
+class GatedStore(CountingStore):
+    """A catch-up read that waits for the test, before or after its XRANGE."""
+
+    def __init__(self, redis: Redis, settings: Settings, when: str) -> None:
+        super().__init__(redis, settings)
+        self.when = when
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        self.entered.set()
+        if self.when == "before":
+            await self.gate.wait()
+        rows = await super().read(stream_id, source, after, count)
+        if self.when == "after":
+            await self.gate.wait()
+        return rows
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_announcements_during_a_read_follow_on_without_another_read(hub: Hub, redis: Redis, settings: Settings, when: str) -> None:
+    """Tokens appended while a catch-up read is in flight are taken from their announcements once
+    the read is back (whether the read saw them or not): one read, each entry once. A busy API
+    process used to read again for every announcement that arrived during a read, and at 20
+    tokens/s a source could stay behind, reading, for as long as it ran."""
+    store = GatedStore(redis, settings, when)
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["h1 ", "h2 "]) == 2  # history: the feed starts behind
+    reader = await open_reader(hub, store, sid)
+    fill = asyncio.create_task(reader.feed.fill())
+    await asyncio.wait_for(store.entered.wait(), 5)
+    for i in range(3):
+        assert await store.append(sid, "a", [f"n{i} "]) == 1
+    await asyncio.sleep(0.2)  # the hub hands the three announcements to the feed meanwhile
+    store.gate.set()
+    await asyncio.wait_for(fill, 5)
+    assert [r[0] for r in store.reads] == ["a"], "one read"
+    assert not reader.feed.needs_fill()
+    assert [e.data["text"] for e in reader.pacer.pushed] == ["h1 ", "h2 ", "n0 ", "n1 ", "n2 "]
+    # And live from here on: the next announcement goes straight to the pacer.
+    assert await store.append(sid, "a", ["n3 "]) == 1
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(reader.pacer.pushed) == 6:
+            break
+    assert [e.data["text"] for e in reader.pacer.pushed][-1] == "n3 " and len(store.reads) == 1
 
 
 # -- long backlogs: memory stays bounded -------------------------------------------------------
