@@ -45,7 +45,8 @@ class State:
         self.open_streams = OpenStreams()  # closed all at once when the process shuts down
 
 
-def get_state(request: Request) -> State:
+async def get_state(request: Request) -> State:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request.
     state: State = request.app.state.tandem
     return state
 
