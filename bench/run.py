@@ -704,10 +704,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help=f"comma-separated parts to run: {','.join(PARTS)} (default: all)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None, help="py-spy the API (full: on)")
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames: GC, syscalls); slows the API")
+    ap.add_argument("--env", action="append", default=[], metavar="TANDEM_X=V", help="a setting for tandem's processes (repeatable)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the processes' logs and Redis's files (temp dir)")
     args = ap.parse_args(argv)
     params = SMOKE if args.smoke else FULL
     params.keep_logs = args.keep_logs
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("TANDEM_"):
+            ap.error(f"--env: expected TANDEM_NAME=value, got {item!r}")
+        params.env[key] = value
     params.profile_native = args.profile_native
     if args.clients:
         params.clients = args.clients
