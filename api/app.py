@@ -20,6 +20,7 @@ from api.metrics import ApiMetrics
 from api.readers import ReaderCounts
 from api.routes import State, router
 from shared.logs import setup_logging
+from shared.mux import Mux
 from shared.settings import Settings
 from shared.store import Store
 from workers.registry import load_registry
@@ -52,7 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         commands, hub_client = redis_clients(settings)
-        store = Store(commands, settings)
+        # The reads of every connecting reader share one multiplexed connection (shared/mux.py);
+        # the pool serves the rest (creates, cancels, the reader counts).
+        mux = Mux(commands.connection_pool, timeout_s=settings.redis_socket_timeout_s)
+        store = Store(commands, settings, mux)
         hub = Hub(hub_client, store.keys.hub)
         await hub.start()
         readers = ReaderCounts(commands, store.keys, hub)  # readers per stream, for `tandem ls`
@@ -69,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await readers.stop()
             await hub.stop()
+            await mux.aclose()
             await commands.aclose()
 
     app = FastAPI(title="tandem", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)

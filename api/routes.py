@@ -28,7 +28,7 @@ from shared.events import Event
 from shared.keys import SOURCES, Source
 from shared.pacing import Pacer, Phase
 from shared.settings import Settings
-from shared.store import Store, is_terminal, now_ms, token_matches
+from shared.store import Command, Store, is_terminal, now_ms, token_matches
 from workers.registry import Registry
 from workers.settings import JOB_NAME
 
@@ -110,16 +110,17 @@ async def create_stream(body: CreateStream, state: StateDep, authorization: Anno
 
     made: list[str] = []
 
-    def enqueue(tx: Any, stream_id: str) -> None:
+    def enqueue(stream_id: str) -> list[Command]:
         # arq's enqueue_job, for fresh job ids, inside the create's own MULTI/EXEC: a create is
         # one atomic step, so Redis dying at any point leaves either the whole stream or nothing.
         made.append(stream_id)
         now = now_ms()
+        commands: list[Command] = []
         for src in SOURCES:
             job_id = state.store.keys.job_id(stream_id, src)
             job = serialize_job(JOB_NAME, (stream_id, src), {}, None, now, serializer=state.redis.job_serializer)
-            tx.psetex(job_key_prefix + job_id, state.redis.expires_extra_ms, job)
-            tx.zadd(s.queue_name, {job_id: now})
+            commands += [("PSETEX", job_key_prefix + job_id, state.redis.expires_extra_ms, job), ("ZADD", s.queue_name, now, job_id)]
+        return commands
 
     try:
         created = await state.store.create(prompt=body.prompt, tasks=tasks, pacing=pacing, also=enqueue)
@@ -199,8 +200,7 @@ async def stream_events(
     await state.hub.subscribe(channel, feed)
     try:
         # B may have completed between the first read of the meta and the subscription.
-        b_state = await state.redis.hget(store.keys.meta(stream_id), "b_state")  # type: ignore[misc]
-        if b_state is not None and is_terminal(b_state.decode()):
+        if is_terminal(await store.source_state(stream_id, "b")):
             pacer.b_completed()
     except BaseException:
         state.hub.unsubscribe(channel, feed)
@@ -260,8 +260,7 @@ async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], curs
     src: Source = cursor.source  # type: ignore[assignment]
     if src == "b" and not is_terminal(meta.get("a_state")):
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
-    rows = await store.redis.xrange(store.keys.events(stream_id, src), min=cursor.entry, max=cursor.entry, count=1)
-    if not rows:
+    if not await store.has_entry(stream_id, src, cursor.entry):
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is not an event of this stream")
 
 
@@ -301,7 +300,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONBody:
     try:
-        await asyncio.wait_for(state.redis.ping(), timeout=1.0)
+        await asyncio.wait_for(state.store.ping(), timeout=1.0)
     except (TimeoutError, *REDIS_DOWN):
         return JSONBody({"error": {"code": "redis_unavailable", "message": "Redis is not answering"}}, status_code=503)
     if not state.hub.connected.is_set():

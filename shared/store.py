@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from shared.events import TERMINAL_STATES, Entry, delta_fields, error_fields, fields_dict
 from shared.keys import SOURCES, Keys, Source
+from shared.mux import Mux
 from shared.settings import Settings
 
 # Shared by the scripts below. A source's state goes queued -> running -> done|failed|cancelled;
@@ -248,6 +249,7 @@ return 1
 LEASE_TTL_FRACTION = 0.7
 
 
+Command = tuple[str | bytes | int | float, ...]  # one Redis command, as its arguments
 AppendCall = tuple[str, Source, Sequence[str], int | None]  # stream id, source, texts, expected (see append)
 
 
@@ -274,9 +276,12 @@ def now_ms() -> int:
 
 
 class Store:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, mux: Mux | None = None) -> None:
+        """`mux`: where the reads a reader connects and catches up with go (the API's hot path:
+        shared/mux.py); without it, they go through `redis`'s pool like every other command."""
         self.redis = redis
         self.settings = settings
+        self.mux = mux
         self.keys = Keys(settings.key_prefix)
         self._finish = redis.register_script(_FINISH)
         self._append = redis.register_script(_APPEND)
@@ -293,10 +298,10 @@ class Store:
         prompt: str,
         tasks: dict[Source, tuple[str, dict[str, Any]]],
         pacing: dict[str, int],
-        also: Any = None,
+        also: Callable[[str], list[Command]] | None = None,
     ) -> Created:
-        """`also(tx, stream_id)` may add commands to the same MULTI/EXEC (the API enqueues the
-        arq jobs there): a create is all or nothing, even when Redis dies half-way."""
+        """`also(stream_id)`: more commands for the same MULTI/EXEC (the API enqueues the arq jobs
+        there): a create is all or nothing, even when Redis dies half-way."""
         stream_id, token = new_id(), secrets.token_urlsafe(32)
         k, now = self.keys, now_ms()
         meta: dict[str, str | int] = {
@@ -319,15 +324,28 @@ class Store:
             }
         # Unfinished streams expire too, after the longest a source may run plus retention.
         ttl_ms = (self.settings.max_stream_s + self.settings.retention_s) * 1000
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.hset(k.meta(stream_id), mapping=meta)
-            tx.pexpire(k.meta(stream_id), ttl_ms)
-            tx.zadd(k.index, {stream_id: now})
-            tx.zremrangebyscore(k.index, "-inf", now - ttl_ms)
-            if also is not None:
-                also(tx, stream_id)
-            await tx.execute()
+        commands: list[Command] = [
+            ("HSET", k.meta(stream_id), *(x for kv in meta.items() for x in kv)),
+            ("PEXPIRE", k.meta(stream_id), ttl_ms),
+            ("ZADD", k.index, now, stream_id),
+            ("ZREMRANGEBYSCORE", k.index, "-inf", now - ttl_ms),
+            *(also(stream_id) if also is not None else ()),
+        ]
+        await self.transaction(commands)
         return Created(stream_id, token)
+
+    async def transaction(self, commands: Sequence[Command]) -> None:
+        """`commands` in one MULTI/EXEC: all of them or none."""
+        if self.mux is not None:
+            replies = await self.mux.execute_many([("MULTI",), *commands, ("EXEC",)])
+            for r in replies:
+                if isinstance(r, ResponseError):
+                    raise r
+            return
+        async with self.redis.pipeline(transaction=True) as tx:
+            for c in commands:
+                tx.execute_command(*c)
+            await tx.execute()
 
     async def delete(self, stream_id: str) -> None:
         """Undo a create whose jobs could not be enqueued."""
@@ -339,15 +357,37 @@ class Store:
     # -- reads ---------------------------------------------------------------------------------
 
     async def meta(self, stream_id: str) -> dict[str, str] | None:
-        raw = await self.redis.hgetall(self.keys.meta(stream_id))  # type: ignore[misc]
+        key = self.keys.meta(stream_id)
+        if self.mux is not None:
+            flat = await self.mux.execute("HGETALL", key)
+            raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        else:
+            raw = await self.redis.hgetall(key)  # type: ignore[misc]
         if not raw:
             return None
         return {_s(k): _s(v) for k, v in raw.items()}
 
+    async def source_state(self, stream_id: str, source: Source) -> str | None:
+        key, field = self.keys.meta(stream_id), f"{source}_state"
+        st = await (self.mux.execute("HGET", key, field) if self.mux is not None else self.redis.hget(key, field))  # type: ignore[misc]
+        return _s(st) if st is not None else None
+
     async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[Entry]:
         """Entries strictly after entry id `after` (exclusive range), oldest first."""
-        rows = await self.redis.xrange(self.keys.events(stream_id, source), min=f"({after}" if after != "0-0" else "-", count=count)
-        return [(_s(eid), {_s(f): _s(v) for f, v in fields.items()}) for eid, fields in rows]
+        return await self._xrange(stream_id, source, f"({after}" if after != "0-0" else "-", "+", count)
+
+    async def has_entry(self, stream_id: str, source: Source, entry_id: str) -> bool:
+        return bool(await self._xrange(stream_id, source, entry_id, entry_id, 1))
+
+    async def _xrange(self, stream_id: str, source: Source, lo: str, hi: str, count: int) -> list[Entry]:
+        key = self.keys.events(stream_id, source)
+        if self.mux is not None:
+            rows = await self.mux.execute("XRANGE", key, lo, hi, "COUNT", count)
+            return [(_s(eid), {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}) for eid, flat in rows]
+        return [(_s(eid), {_s(f): _s(v) for f, v in fields.items()}) for eid, fields in await self.redis.xrange(key, lo, hi, count)]
+
+    async def ping(self) -> None:
+        await (self.mux.execute("PING") if self.mux is not None else self.redis.ping())
 
     async def text(self, stream_id: str, source: Source) -> str:
         """A source's text so far, read in batches (the status document needs all of it)."""

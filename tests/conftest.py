@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from shared.mux import Mux
 from shared.redis_server import RedisServer
 from shared.settings import Settings
 from shared.store import Store
@@ -41,8 +42,11 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def store(redis: Redis, settings: Settings) -> Store:
-    return Store(redis, settings)
+async def store(redis: Redis, settings: Settings) -> AsyncIterator[Store]:
+    """As the API has it: reads on one multiplexed connection (shared/mux.py)."""
+    mux = Mux(redis.connection_pool, timeout_s=5.0)
+    yield Store(redis, settings, mux)
+    await mux.aclose()
 
 
 @pytest.fixture

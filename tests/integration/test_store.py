@@ -187,6 +187,26 @@ async def test_append_and_read(store: Store, redis: Redis) -> None:
     assert 0 < pttl_a <= pttl_meta + 10 and pttl_meta - pttl_a < 5000
 
 
+async def test_reads_are_the_same_with_or_without_the_mux(store: Store, redis: Redis) -> None:
+    assert store.mux is not None
+    plain = Store(redis, store.settings)
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["one ", "two"]) == 2
+    await store.finish(sid, ["b"], done_fields(0))
+    for s in (store, plain):
+        assert await s.meta(sid) == await plain.meta(sid)
+        assert await s.meta("no-such-stream") is None
+        rows = await s.read(sid, "a", "0-0", 10)
+        assert rows == await plain.read(sid, "a", "0-0", 10) and len(rows) == 2
+        assert await s.read(sid, "a", rows[0][0], 10) == rows[1:]
+        assert await s.has_entry(sid, "a", rows[1][0]) and not await s.has_entry(sid, "b", rows[1][0])
+        assert await s.source_state(sid, "b") == "done" and await s.source_state("no-such-stream", "a") is None
+        await s.ping()
+        created = await new_stream(s)  # a create is one MULTI/EXEC either way
+        assert (await plain.meta(created) or {}).get("status") == "queued"
+        assert await redis.zscore(s.keys.index, created) is not None
+
+
 async def test_append_many_in_one_round_trip(store: Store, redis: Redis) -> None:
     s1, s2, queued = await running_stream(store), await running_stream(store), await new_stream(store)
     out = await store.append_many([
