@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import secrets
 import socket
 import time
@@ -16,7 +17,9 @@ import httpx
 import orjson
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker, func
+from redis.commands.core import AsyncScript
 from redis.exceptions import WatchError
 
 from shared.settings import Settings
@@ -107,6 +110,28 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+# KEYS: arq's queue ; ARGV: in-progress key prefix, in-progress timeout (ms), now (ms), most to claim, job ids...
+# Returns [job id, score, ...] of the jobs this worker now holds (arq's in-progress key set), in
+# the order given. A job is claimable when it is in the queue, due, and nobody holds it: arq's
+# own test in start_jobs. (The in-progress keys are not declared in KEYS, as arq's keys could not
+# live on one Redis Cluster slot anyway.)
+_CLAIM = r"""
+local out, taken = {}, 0
+for i = 5, #ARGV do
+  if taken >= tonumber(ARGV[4]) then break end
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and tonumber(score) <= tonumber(ARGV[3]) and redis.call('EXISTS', ARGV[1] .. id) == 0 then
+    redis.call('PSETEX', ARGV[1] .. id, ARGV[2], '1')
+    out[#out + 1] = id
+    out[#out + 1] = score
+    taken = taken + 1
+  end
+end
+return out
+"""
+
+
 class TandemWorker(Worker):
     """arq's Worker, plus: a Redis outage does not end the process. arq's poll loop raises on the
     first connection error and the worker exits; here each failed poll is logged and retried with
@@ -119,6 +144,7 @@ class TandemWorker(Worker):
         super().__init__(**kwargs)
         self._down_since = 0.0
         self._backoff = 0.1
+        self._claim: AsyncScript | None = None  # registered once arq has made its pool
 
     def _stopping(self, signum: Signals) -> None:
         stopping: asyncio.Event | None = self.ctx.get("stopping")
@@ -149,28 +175,34 @@ class TandemWorker(Worker):
             self._down_since, self._backoff = 0.0, 0.1
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        job_ids = await self._startable(job_ids)
-        try:
-            await super().start_jobs(job_ids)
-        except LOOP_ERRORS:
-            # arq took a slot for the job being claimed and fails without giving it back.
-            self.job_counter -= 1
-            self.sem.release()
-            raise
+        """Claim up to the free slots' worth of `job_ids` in one round trip, and run them.
 
-    async def _startable(self, job_ids: list[bytes]) -> list[bytes]:
-        """The ids worth trying to claim. arq checks each id with three round trips in a row; ids
-        this worker runs, or whose in-progress key another worker holds, are dropped here first,
-        with one pipelined round trip for the lot (a job leaves the queue once its source is
-        claimed, shared/store.py, so these are the ids two workers raced for)."""
-        ids = [j for j in job_ids if j.decode() not in self.tasks]
-        if len(ids) < 2:
-            return ids
-        async with self.pool.pipeline(transaction=False) as p:
-            for j in ids:
-                p.exists(in_progress_key_prefix + j.decode())
-            busy = await p.execute()
-        return [j for j, b in zip(ids, busy, strict=True) if not b]
+        arq claims one id at a time (WATCH, EXISTS, ZSCORE, MULTI/PSETEX/EXEC: four round trips in
+        a row per id), and every worker walks the same ids in the same order, so two workers
+        spend most of a burst claiming each other's jobs: at a thousand streams created at once,
+        sources started seconds late. Here one script claims the batch with arq's own keys and
+        rules (not yet started, due, in-progress key set for arq's timeout), and each worker
+        starts its walk at a random point of the batch, so two workers seldom want the same id.
+        What follows is arq's: its run_job, slots and accounting."""
+        room = self.max_jobs - self.job_counter
+        ids = [j.decode() for j in job_ids]
+        ids = [j for j in ids if j not in self.tasks]
+        if room <= 0 or not ids:
+            return
+        at = random.randrange(len(ids))
+        ids = (ids[at:] + ids[:at])[: room * 2]
+        if self._claim is None:
+            self._claim = self.pool.register_script(_CLAIM)
+        claimed = await self._claim(keys=[self.queue_name], args=[
+            in_progress_key_prefix, int(self.in_progress_timeout_s * 1000), timestamp_ms(), room, *ids,
+        ])  # fmt: skip
+        for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            await self.sem.acquire()  # free: the script took at most `room` jobs
+            self.job_counter += 1
+            t = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = t
 
     async def run_job(self, job_id: str, score: int) -> None:
         try:
