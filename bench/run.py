@@ -61,7 +61,7 @@ class Params:
     paced_rate: float  # tokens/s per stream
     paced_seconds: float  # how long each stream's A runs
     paced_ramp_s: float  # streams are created evenly over this long
-    b_delay_ms: tuple[float, float]  # B completes this long after its start: the flush
+    b_delay_ms: tuple[float, float]  # B completes this long after its start: the flush (some during the ramp, most after)
     slow_interval_ms: int
     resume_fraction: float
     resume_at_s: tuple[float, float]  # after creation; after the flush, before A's end
@@ -81,14 +81,14 @@ class Params:
 
 SMOKE = Params(
     mode="smoke", throughput_streams=[1, 20], events_per_run=4000, min_tokens=20,
-    paced_streams=20, paced_rate=20, paced_seconds=2.5, paced_ramp_s=0.3, b_delay_ms=(300, 600), slow_interval_ms=250,
-    resume_fraction=0.25, resume_at_s=(1.0, 1.8), resume_gap_s=0.2,
+    paced_streams=20, paced_rate=20, paced_seconds=2.5, paced_ramp_s=0.3, b_delay_ms=(300, 1500), slow_interval_ms=250,
+    resume_fraction=0.25, resume_at_s=(1.0, 2.0), resume_gap_s=0.2,
     backlog_tokens=2000, backlog_b_delay_ms=700, backlog_runs=1, open_streams=[200],
 )  # fmt: skip
 FULL = Params(
     mode="full", throughput_streams=[1, 100, 1000, 5000], events_per_run=250_000, min_tokens=100,
-    paced_streams=1000, paced_rate=20, paced_seconds=10, paced_ramp_s=2.0, b_delay_ms=(600, 1600), slow_interval_ms=250,
-    resume_fraction=0.2, resume_at_s=(2.5, 8.0), resume_gap_s=0.2,
+    paced_streams=1000, paced_rate=20, paced_seconds=15, paced_ramp_s=2.0, b_delay_ms=(600, 9000), slow_interval_ms=250,
+    resume_fraction=0.2, resume_at_s=(2.5, 13.0), resume_gap_s=0.2,
     backlog_tokens=10_000, backlog_b_delay_ms=2500, backlog_runs=3, open_streams=[1000, 10_000], profile=True,
 )  # fmt: skip
 
@@ -378,7 +378,12 @@ class Bench:
         if tandem:
             out |= _named("flush", pcts((x for r in results for x in r["flush_ms"]), 0.5, 0.99))
             out["flush_samples"] = sum(len(r["flush_ms"]) for r in results)
+            out |= _named("flush_steady", pcts((x for r in results for x in r["flush_steady_ms"]), 0.5, 0.99))
+            out["flush_steady_samples"] = sum(len(r["flush_steady_ms"]) for r in results)
             out |= _named("resume", pcts((x for r in results for x in r["resume_ms"]), 0.5, 0.99))
+            out |= _named("resume_steady", pcts((x for r in results for x in r["resume_steady_ms"]), 0.5, 0.99))
+            out["resume_steady_samples"] = sum(len(r["resume_steady_ms"]) for r in results)
+            out["ramp_s"] = max(r["ramp_s"] for r in results)  # how long creating every stream took
             out["resumes"] = sum(r["resumes"] for r in results)
             out["resumes_of_missed_events"] = sum(r["resumes_of_missed_events"] for r in results)
         return out
