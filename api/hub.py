@@ -4,8 +4,14 @@ Why pub/sub and not one blocking XREAD over all open streams: an XREAD over N ke
 proportion to N on every call, in Redis and here (PERFORMANCE.md: 75% of a core at 5,000 slow
 streams). Workers announce each append on the stream's channel with the entries themselves, so
 the hub hands them to readers without any read; readers XRANGE only to catch up (a resume, a gap,
-a reconnect). The hub holds one connection; catch-up reads share the process's small pool. An
-open SSE connection holds none.
+a reconnect). The hub holds one connection; catch-up reads share the process's one multiplexed
+connection (shared/mux.py). An open SSE connection holds none.
+
+At 1,000 streams of 20 tokens/s the hub reads 20,000 messages a second. redis-py's PubSub costs
+tens of microseconds per message (a timeout, a retry wrapper and a dict each), too slow for that:
+its backlog grew to a second. So redis-py only makes the connection (URL, AUTH, TLS, CLIENT
+SETNAME); the hub writes its few commands itself and parses what arrives with hiredis, every
+message of one socket read in one go.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
+from typing import Any, Protocol, cast
 
+import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.background import cancel_and_wait
@@ -43,7 +51,8 @@ class Hub:
         self._control = control_channel
         self._confirm_timeout = confirm_timeout_s
         self.read_timeout = read_timeout_for(redis)
-        self._ps: PubSub | None = None
+        self._conn: AbstractConnection | None = None  # the pub/sub connection, while up
+        self._parser: Any = None  # its hiredis.Reader
         self._listeners: dict[str, set[Listener]] = {}
         self._subscribed: set[str] = set()  # SUBSCRIBE sent on the current connection
         self._confirmed: set[str] = set()  # and confirmed by Redis
@@ -62,9 +71,7 @@ class Hub:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
-        if self._ps is not None:
-            with contextlib.suppress(Exception):
-                await self._ps.aclose()  # type: ignore[no-untyped-call]
+        await self._drop()
         await self._redis.aclose()
 
     async def subscribe(self, channel: str, listener: Listener) -> None:
@@ -76,13 +83,13 @@ class Hub:
         try:
             if channel in self._confirmed:
                 return
-            if not self.connected.is_set() or self._ps is None:
+            if not self.connected.is_set() or self._conn is None:
                 raise RedisConnectionError("the hub is not connected to Redis")
             fut = asyncio.get_running_loop().create_future()
             self._waiting.setdefault(channel, []).append(fut)
             if channel not in self._subscribed:
                 self._subscribed.add(channel)
-                await self._ps.subscribe(channel)
+                self._send_subscribe([channel])
             await asyncio.wait_for(fut, self._confirm_timeout)
         except BaseException:
             self.unsubscribe(channel, listener)
@@ -105,22 +112,24 @@ class Hub:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                if self._ps is None:
+                if self._conn is None:
                     await self._connect()
                     backoff = BACKOFF_MIN_S
-                assert self._ps is not None
-                await self._flush_unsubscribes()
-                msg = await self._ps.get_message(ignore_subscribe_messages=False, timeout=self.read_timeout)
+                assert self._conn is not None
+                self._flush_unsubscribes()
+                data = await self._read(self._conn)
                 now = loop.time()
-                if msg is not None:
+                if data:
                     self._last_rx, self._pinged = now, False
-                    self._dispatch(msg)
+                    self._parser.feed(data)
+                    while (reply := self._parser.gets()) is not False:
+                        self._dispatch(reply)
                 elif now - self._last_rx >= DEAD_AFTER_S:
                     # A half-open connection (host gone, no RST) reads as silence, not as an error.
                     raise RedisTimeoutError(f"no answer on the pub/sub connection for {DEAD_AFTER_S:.0f}s")
                 elif now - self._last_rx >= PING_IDLE_S and not self._pinged:
                     self._pinged = True
-                    await self._ps.ping()
+                    self._write([("PING",)])
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN as e:
@@ -135,21 +144,39 @@ class Hub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _connect(self) -> None:
-        ps = self._redis.pubsub()
+    async def _read(self, conn: AbstractConnection) -> bytes:
+        """What the socket has now (up to 64 KiB), or b"" after `read_timeout` of silence."""
         try:
-            await ps.subscribe(self._control)
-            channels = list(self._listeners)
-            if channels:
-                await ps.subscribe(*channels)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await ps.aclose()  # type: ignore[no-untyped-call]
-            raise
-        self._ps = ps
+            async with asyncio.timeout(self.read_timeout):
+                data: bytes = await conn._reader.read(1 << 16)  # type: ignore[union-attr]
+        except TimeoutError:
+            return b""
+        if not data:
+            raise RedisConnectionError("Redis closed the pub/sub connection")
+        return data
+
+    def _write(self, commands: list[tuple[str, ...]]) -> None:
+        conn = self._conn
+        if conn is None:
+            return  # reconnecting: _connect subscribes every channel again
+        conn._writer.write(b"".join(hiredis.pack_command(cast(Any, c)) for c in commands))  # type: ignore[union-attr]
+
+    def _send_subscribe(self, channels: list[str]) -> None:
+        self._write([("SUBSCRIBE", *channels)])
+
+    async def _connect(self) -> None:
+        pool = self._redis.connection_pool
+        # No socket timeout: an idle wait is not an error (`_read` has its own, and PINGs).
+        conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        await conn.connect()  # type: ignore[no-untyped-call]
+        channels = list(self._listeners)
+        self._conn, self._parser = conn, hiredis.Reader(replyError=ResponseError)
         self._last_rx, self._pinged = asyncio.get_running_loop().time(), False
         self._subscribed = {self._control, *channels}
         self._confirmed.clear()
+        self._send_subscribe([self._control])
+        if channels:
+            self._send_subscribe(channels)
         if self.reconnects or channels:
             log.info("hub connected to Redis", extra={"channels": len(channels)})
         self.reconnects += 1
@@ -161,7 +188,7 @@ class Hub:
 
     async def _drop(self) -> None:
         self.connected.clear()
-        ps, self._ps = self._ps, None
+        conn, self._conn = self._conn, None
         self._subscribed.clear()
         self._confirmed.clear()
         self._resync.clear()
@@ -170,37 +197,40 @@ class Hub:
                 if not fut.done():
                     fut.set_exception(RedisConnectionError("Redis connection lost while subscribing"))
         self._waiting.clear()
-        if ps is not None:
+        if conn is not None:
             with contextlib.suppress(Exception):
-                await ps.aclose()  # type: ignore[no-untyped-call]
+                await conn.disconnect(nowait=True)
 
-    async def _flush_unsubscribes(self) -> None:
-        if not self._to_unsubscribe or self._ps is None:
+    def _flush_unsubscribes(self) -> None:
+        if not self._to_unsubscribe or self._conn is None:
             return
         gone = [c for c in self._to_unsubscribe if c not in self._listeners and c in self._subscribed]
         self._to_unsubscribe.clear()
         if gone:
             self._subscribed.difference_update(gone)
             self._confirmed.difference_update(gone)
-            await self._ps.unsubscribe(*gone)
+            self._write([("UNSUBSCRIBE", *gone)])
 
-    def _dispatch(self, msg: dict[str, object]) -> None:
-        kind = msg.get("type")
-        raw = msg.get("channel")
+    def _dispatch(self, reply: Any) -> None:
+        if isinstance(reply, ResponseError):
+            log.warning("Redis answered the hub with an error", extra={"error": str(reply)})
+            return
+        if not isinstance(reply, list) or len(reply) < 2:
+            return  # not a pub/sub message (a PING's answer is ["pong", ""])
+        kind, raw = reply[0], reply[1]
         channel = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if kind == "message":
+        if kind == b"message":
             group = self._listeners.get(channel)
             if not group:
                 return
-            data = msg.get("data")
             try:
-                ann = parse_announcement(data if isinstance(data, (bytes, str)) else b"")
-            except (ValueError, KeyError, TypeError):
+                ann = parse_announcement(reply[2])
+            except (ValueError, KeyError, TypeError, IndexError):
                 log.warning("ignored a malformed announcement", extra={"channel": channel})
                 return
             for listener in list(group):
                 listener.on_announcement(ann)
-        elif kind == "subscribe":
+        elif kind == b"subscribe":
             if channel in self._subscribed:
                 self._confirmed.add(channel)
             if channel in self._resync:

@@ -18,7 +18,6 @@ from typing import Any, cast
 import orjson
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from api.feed import Feed, start_point
 from api.hub import Hub
@@ -543,31 +542,25 @@ async def test_hub_reconnect_while_idle_then_terminal(hub: Hub, store: Store, re
     assert reader.events() == await expected(store, sid)
 
 
-class LateSubscribeRedis(Redis):
-    """A client whose pub/sub SUBSCRIBEs of stream channels reach Redis `late` seconds after the
-    caller was told they were sent: how a busy Redis may order them after other clients' commands."""
+class LateSubscribeHub(Hub):
+    """A hub whose SUBSCRIBEs of stream channels reach Redis `late` seconds after the caller was
+    told they were sent: how a busy Redis may order them after other clients' commands."""
 
     late = 0.0
     pending: set[asyncio.Task[None]] = set()
 
-    def pubsub(self, **kwargs: Any) -> PubSub:
-        client = self
+    def _send_subscribe(self, channels: list[str]) -> None:
+        if self.late <= 0 or any(c.endswith(":hub") for c in channels):
+            super()._send_subscribe(channels)
+            return
 
-        class LatePubSub(PubSub):
-            async def subscribe(self, *args: Any, **kw: Any) -> None:
-                if client.late <= 0 or any(str(a).endswith(":hub") for a in args):
-                    await super().subscribe(*args, **kw)
-                    return
+        async def later() -> None:
+            await asyncio.sleep(self.late)
+            super(LateSubscribeHub, self)._send_subscribe(channels)
 
-                async def later() -> None:
-                    await asyncio.sleep(client.late)
-                    await PubSub.subscribe(self, *args, **kw)
-
-                task = asyncio.create_task(later())
-                client.pending.add(task)
-                task.add_done_callback(client.pending.discard)
-
-        return LatePubSub(self.connection_pool, **kwargs)
+        task = asyncio.create_task(later())
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
 
 async def test_hub_resyncs_after_resubscribe_confirmed(redis_server: RedisServer, prefix: str, store: Store, redis: Redis) -> None:
@@ -575,9 +568,7 @@ async def test_hub_resyncs_after_resubscribe_confirmed(redis_server: RedisServer
     *sent* SUBSCRIBE. A catch-up read that Redis served before the SUBSCRIBE took effect left the
     feed live while appends were still unheard; if those were the last ones (no later
     announcement reveals the gap) the reader waited forever. Fix: resync once Redis confirms."""
-    client = LateSubscribeRedis.from_url(redis_server.url, socket_connect_timeout=2.0)
-    assert isinstance(client, LateSubscribeRedis)
-    hub = Hub(client, f"{prefix}:hub", confirm_timeout_s=3.0)
+    hub = LateSubscribeHub(Redis.from_url(redis_server.url, socket_connect_timeout=2.0), f"{prefix}:hub", confirm_timeout_s=3.0)
     await hub.start()
     try:
         await asyncio.wait_for(hub.connected.wait(), 5.0)
@@ -586,10 +577,10 @@ async def test_hub_resyncs_after_resubscribe_confirmed(redis_server: RedisServer
         reader = await open_reader(hub, store, sid)
         task = asyncio.create_task(run_reader(reader, hub, store, sid, within=8))
         await asyncio.sleep(0.1)
-        client.late = 0.4
+        hub.late = 0.4
         await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         for _ in range(1000):  # the hub reconnected (and sent its SUBSCRIBE, held back)
-            if hub.connected.is_set() and hub._ps is not None:
+            if hub.connected.is_set():
                 break
             await asyncio.sleep(0.005)
         assert hub.connected.is_set()
@@ -600,5 +591,5 @@ async def test_hub_resyncs_after_resubscribe_confirmed(redis_server: RedisServer
         await task
         assert reader.events() == await expected(store, sid)
     finally:
-        await asyncio.gather(*LateSubscribeRedis.pending)
+        await asyncio.gather(*LateSubscribeHub.pending)
         await hub.stop()
