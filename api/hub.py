@@ -38,6 +38,7 @@ READ_TIMEOUT_S = 1.0  # longest single wait for a message; always below the clie
 PING_IDLE_S = 5.0  # PING the pub/sub connection after this long without any message
 DEAD_AFTER_S = 12.0  # nothing at all (not even the PING's reply) for this long: the connection is dead
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 2.0  # reconnect delays: doubling, bounded
+READ_BUFFER_BYTES = 1 << 21  # most the hub takes from its socket per read
 
 
 class Listener(Protocol):
@@ -145,10 +146,10 @@ class Hub:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _read(self, conn: AbstractConnection) -> bytes:
-        """What the socket has now (up to 64 KiB), or b"" after `read_timeout` of silence."""
+        """What the socket has now (up to READ_BUFFER_BYTES), or b"" after `read_timeout` of silence."""
         try:
             async with asyncio.timeout(self.read_timeout):
-                data: bytes = await conn._reader.read(1 << 16)  # type: ignore[union-attr]
+                data: bytes = await conn._reader.read(READ_BUFFER_BYTES)  # type: ignore[union-attr]
         except TimeoutError:
             return b""
         if not data:
@@ -169,6 +170,11 @@ class Hub:
         # No socket timeout: an idle wait is not an error (`_read` has its own, and PINGs).
         conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         await conn.connect()  # type: ignore[no-untyped-call]
+        # asyncio stops reading a socket once 2 x its StreamReader's limit (64 KiB) is buffered;
+        # the hub takes everything buffered at once, so let a loop turn bring in more than that.
+        reader = conn._reader  # type: ignore[union-attr]
+        if reader is not None and hasattr(reader, "_limit"):
+            reader._limit = READ_BUFFER_BYTES
         channels = list(self._listeners)
         self._conn, self._parser = conn, hiredis.Reader(replyError=ResponseError)
         self._last_rx, self._pinged = asyncio.get_running_loop().time(), False
