@@ -78,7 +78,7 @@ def cmd_api(settings: Settings, host: str, port: int) -> int:
         app,
         host=host,
         port=port,
-        loop="uvloop",
+        loop="api.loop:new_event_loop",  # uvloop, accepting every waiting connection per turn
         http="httptools",
         access_log=False,  # URLs carry stream tokens: never log them
         log_level="warning",
