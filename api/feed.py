@@ -25,11 +25,23 @@ from shared.store import Store, is_terminal
 STASH_MAX = 64  # announcements kept per source during one catch-up read
 
 
+class SourceState:
+    """Where one connection is in one source. (An object with slots, not six dicts keyed by
+    source: at 10,000 open connections each byte here is 10 KB.)"""
+
+    __slots__ = ("after", "behind", "closed", "dirty", "reading", "stash")
+
+    def __init__(self, after: str = "0-0", closed: bool = False) -> None:
+        self.after = after  # everything up to this entry went to the pacer (or to the client)
+        self.closed = closed  # its terminal entry has been taken
+        self.behind = True  # history may exist: read first
+        self.dirty = False  # something may have been missed during a read
+        self.reading = False  # a catch-up read is in flight
+        self.stash: list[Announcement] | None = None  # announced during that read
+
+
 class Feed:
-    __slots__ = (
-        "_after", "_batch", "_behind", "_closed", "_dirty", "_reading", "_stash", "_store", "_stream_id", "b_completed_at",
-        "pacer", "resyncs", "waker",
-    )  # fmt: skip
+    __slots__ = ("_a", "_b", "_batch", "_store", "_stream_id", "b_completed_at", "pacer", "resyncs", "waker")
 
     def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
         """`cursor`: read strictly after it (see `start_point`)."""
@@ -38,23 +50,18 @@ class Feed:
         self._batch = batch
         self.pacer = pacer
         self.waker = Waker()
-        # Position per source: everything up to `after` has gone to the pacer (or to the client).
-        self._after: dict[str, str] = {"a": "0-0", "b": "0-0"}
-        self._closed: dict[str, bool] = {"a": False, "b": False}  # terminal entry already taken
-        if cursor.source == "a":
-            self._after["a"] = cursor.entry
-        elif cursor.source == "b":
-            self._closed["a"] = True
-            self._after["b"] = cursor.entry
-        self._behind: dict[str, bool] = {"a": True, "b": True}  # history may exist: read first
-        self._dirty: dict[str, bool] = {"a": False, "b": False}  # something may have been missed during a read
-        self._reading: dict[str, bool] = {"a": False, "b": False}  # a catch-up read is in flight
-        self._stash: dict[str, list[Announcement]] = {"a": [], "b": []}  # announced during that read
+        if cursor.source == "b":
+            self._a, self._b = SourceState(closed=True), SourceState(cursor.entry)
+        else:
+            self._a, self._b = SourceState(cursor.entry if cursor.source == "a" else "0-0"), SourceState()
         self.b_completed_at: float | None = None  # perf_counter() when B's completion was noticed (metrics)
         self.resyncs = 0  # times the hub asked for a catch-up (after it reconnected to Redis)
 
+    def _st(self, source: str) -> SourceState:
+        return self._a if source == "a" else self._b
+
     def _wanted(self, source: str) -> bool:
-        if self._closed[source]:
+        if self._st(source).closed:
             return False
         return source == "a" or self.pacer.a_finished
 
@@ -62,21 +69,23 @@ class Feed:
 
     def on_announcement(self, ann: Announcement) -> None:
         src = ann.source
-        if self._closed[src]:
+        st = self._st(src)
+        if st.closed:
             return
         events = ann.events
         if src == "b" and not self.pacer.b_complete and events and events[-1].terminal:
             self.pacer.b_completed()
             self.b_completed_at = time.perf_counter()  # not loop.time(): uvloop's has 1 ms resolution
             self.waker.set()
-        if self._reading[src]:
-            stash = self._stash[src]
-            if len(stash) < STASH_MAX:
-                stash.append(ann)
+        if st.reading:
+            if st.stash is None:
+                st.stash = []
+            if len(st.stash) < STASH_MAX:
+                st.stash.append(ann)
             else:
-                self._dirty[src] = True  # too many to keep: read again after this read
-        elif self._behind[src] or not self._wanted(src):
-            self._behind[src] = True
+                st.dirty = True  # too many to keep: read again after this read
+        elif st.behind or not self._wanted(src):
+            st.behind = True
         else:
             self._chain(src, ann)
         self.waker.set()
@@ -84,7 +93,8 @@ class Feed:
     def _chain(self, src: Source, ann: Announcement) -> bool:
         """Take what `ann` adds after `after`. False, and the source is behind, when it leaves a gap
         or the pacer is full (those entries are read from Redis later)."""
-        after = self._after[src]
+        st = self._st(src)
+        after = st.after
         events = ann.events
         if ann.prev != after:
             # Only an announcement that contains `after` itself continues from it (its entries are
@@ -95,53 +105,55 @@ class Feed:
             elif entry_key(ann.prev) < entry_key(after) and all(entry_key(i) <= entry_key(after) for i in ids):
                 return True
             else:
-                self._behind[src] = True  # a gap: announcements were missed (or this one is not ours)
+                st.behind = True  # a gap: announcements were missed (or this one is not ours)
                 return False
         if self.pacer.pending(src) + len(events) > self._batch:
-            self._behind[src] = True  # the pacer is full: read these later, from Redis
+            st.behind = True  # the pacer is full: read these later, from Redis
             return False
         self._take(src, events)
         return True
 
     def on_resync(self) -> None:
         self.resyncs += 1
-        for src in SOURCES:
-            self._behind[src] = True
-            self._dirty[src] = True
+        for st in (self._a, self._b):
+            st.behind = st.dirty = True
         self.waker.set()
 
     # -- from the SSE loop ---------------------------------------------------------------------
 
     def needs_fill(self) -> bool:
-        return any(
-            self._behind[s] and self._wanted(s) and self.pacer.pending(s) < (self._batch + 1) // 2 for s in SOURCES
+        half = (self._batch + 1) // 2
+        return (self._a.behind and self._wanted("a") and self.pacer.pending("a") < half) or (
+            self._b.behind and self._wanted("b") and self.pacer.pending("b") < half
         )
 
     async def fill(self) -> None:
         """Catch up from Redis where behind, for the sources the pacer wants now."""
         for src in SOURCES:
-            while self._behind[src] and self._wanted(src) and self.pacer.pending(src) < (self._batch + 1) // 2:
-                self._dirty[src] = False
+            st = self._st(src)
+            while st.behind and self._wanted(src) and self.pacer.pending(src) < (self._batch + 1) // 2:
+                st.dirty = False
                 room = self._batch - self.pacer.pending(src)  # the pacer never holds more than a batch
-                self._reading[src] = True
+                st.reading = True
                 try:
-                    rows = await self._store.read(self._stream_id, src, self._after[src], room)
+                    rows = await self._store.read(self._stream_id, src, st.after, room)
                 finally:
-                    self._reading[src] = False
-                    stash, self._stash[src] = self._stash[src], []
+                    st.reading = False
+                    stash, st.stash = st.stash or (), None
                 self._take(src, [event_from_entry(src, eid, f) for eid, f in rows])
-                if len(rows) < room and not self._dirty[src] and all(self._chain(src, ann) for ann in stash):
+                if len(rows) < room and not st.dirty and all(self._chain(src, ann) for ann in stash):
                     # Read to the end, and what was announced meanwhile follows on: live from here on.
-                    self._behind[src] = False
+                    st.behind = False
 
     def _take(self, src: Source, events: list[Event]) -> None:
+        st = self._st(src)
         for event in events:
-            if self._closed[src]:
+            if st.closed:
                 return
             self.pacer.push(event)
-            self._after[src] = event.cursor.entry
+            st.after = event.cursor.entry
             if event.terminal:
-                self._closed[src] = True
+                st.closed = True
 
 
 def start_point(cursor: Cursor, meta: dict[str, str]) -> tuple[Cursor, str | None, str | None]:

@@ -655,3 +655,25 @@ def test_table_interleavings_seeded() -> None:
         out = run_script(script, rng.choice(["done", "task_failed", "cancelled"]), rng.choice(["done", "task_failed"]),
                          rng.randint(0, 10), rng.randint(0, 5), rng)
         check(out, slow, b_gap)
+
+
+def test_fifo_keeps_order_through_compaction() -> None:
+    import random
+    from collections import deque
+
+    from shared.pacing import Fifo
+
+    rng = random.Random(4)
+    fifo, model, src = Fifo(), deque[Event](), Src("a")
+    for _ in range(20_000):
+        if rng.random() < 0.55 or not model:
+            e = src.delta()
+            fifo.append(e)
+            model.append(e)
+        else:
+            assert fifo.peek() is model[0]
+            assert fifo.popleft() is model.popleft()
+        assert len(fifo) == len(model)
+    while model:
+        assert fifo.popleft() is model.popleft()
+    assert len(fifo) == 0 and not fifo
