@@ -14,6 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from api import errors
 from api.demo import router as demo_router
+from api.fastpath import EventsFastPath
 from api.hub import Hub
 from api.limits import BodyLimit
 from api.metrics import ApiMetrics
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(demo_router)  # the demo page at /
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(EventsFastPath)  # GET .../events, without FastAPI's layers (api/fastpath.py)
     return app
 
 

@@ -39,12 +39,19 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large
 
 
 def _count(request: Request, code: str) -> None:
+    count(getattr(request.app.state, "tandem", None), code)
+
+
+def count(state: Any, code: str) -> None:
     """Metrics: tandem_rejected_total{code}; tandem_redis_errors_total for a 503 from Redis."""
-    state = getattr(request.app.state, "tandem", None)
     if state is not None:
         state.metrics.rejected.labels(code).inc()
         if code == "redis_unavailable":
             state.metrics.redis_errors.inc()
+
+
+def redis_down_response() -> JSONBody:
+    return error_response(503, "redis_unavailable", "Redis is not answering; retry shortly", headers={"Retry-After": "1"})
 
 
 def install(app: FastAPI) -> None:
@@ -73,6 +80,4 @@ def install(app: FastAPI) -> None:
         @app.exception_handler(exc_type)
         async def _redis_down(request: Request, exc: Exception) -> JSONBody:
             _count(request, "redis_unavailable")
-            return error_response(
-                503, "redis_unavailable", "Redis is not answering; retry shortly", headers={"Retry-After": "1"}
-            )
+            return redis_down_response()

@@ -176,9 +176,16 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
+    """The SSE stream. Served by api/fastpath.py ahead of FastAPI's routing; declared here for the
+    API docs (and served here should the fast path be left out)."""
+    return await open_events(state, stream_id, token, last_event_id if last_event_id is not None else last_event_id_q, authorization)
+
+
+async def open_events(state: State, stream_id: str, token: str | None, raw: str | None, authorization: str | None) -> Response:
+    """Everything GET .../events does: check, then the SSE response. `raw`: the Last-Event-ID
+    (header, else the `last_event_id` query parameter)."""
     s, store = state.settings, state.store
     meta = await _authorized_meta(state, stream_id, token, authorization)
-    raw = last_event_id if last_event_id is not None else last_event_id_q
     cursor = START
     if raw is not None and raw != "":
         try:
