@@ -18,7 +18,7 @@ LATENCY_FIELDS = (
 TANDEM_LATENCY_FIELDS = (
     "flush_p50_ms", "flush_p99_ms", "resume_p50_ms", "resume_p99_ms", "flush_steady_p99_ms", "resume_steady_p99_ms",
 )  # fmt: skip
-REDIS_POOL = 6  # TANDEM_REDIS_POOL_SIZE's default; the hub adds one connection
+REDIS_POOL = 6  # TANDEM_REDIS_POOL_SIZE's default; the hub and the multiplexed connection add one each
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -106,8 +106,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     conns += [_get(row, "tandem.api_redis_conns_max") for row in tp.values()]
     conns = [c for c in conns if _num(c)]
     if conns:
-        add("API Redis connections", f"bounded (<= pool {REDIS_POOL} + hub 1), flat in streams", max(conns),
-            max(conns) <= REDIS_POOL + 1, "all runs")  # fmt: skip
+        add("API Redis connections", f"bounded (<= pool {REDIS_POOL} + hub 1 + mux 1), flat in streams", max(conns),
+            max(conns) <= REDIS_POOL + 2, "all runs")  # fmt: skip
     bl = doc.get("backlog", {}).get("tandem", {})
     v = bl.get("backlog_ms")
     if bl:

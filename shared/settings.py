@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     # Redis. Unset means: `tandem up` starts an embedded server; `api`/`worker` use DEFAULT_REDIS_URL.
     redis_url: str | None = None
     key_prefix: str = Field("tandem", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
-    redis_pool_size: int = Field(6, ge=2, le=64)  # command connections per process (the hub adds one)
+    redis_pool_size: int = Field(6, ge=2, le=64)  # pooled connections per API process (plus the hub's and the multiplexed one)
     redis_socket_timeout_s: float = Field(15.0, gt=0)
 
     # SSE
