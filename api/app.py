@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await hub.start()
         readers = ReaderCounts(commands, store.keys, hub)  # readers per stream, for `tandem ls`
         await readers.start()
-        app.state.tandem = State(settings, commands, store, hub, registry, ApiMetrics())
+        app.state.tandem = state = State(settings, commands, store, hub, registry, ApiMetrics())
+        state.open_streams.watch_sends(settings.sse_send_timeout_s)
         # Long-lived start-up objects need not be scanned by every full collection (tail latency).
         gc.collect()
         gc.freeze()
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await state.open_streams.stop()
             await readers.stop()
             await hub.stop()
             await mux.aclose()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _SOURCE_KINDS = ("delta", "done", "error")
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -14,13 +18,8 @@ class ApiMetrics:
         r = self.registry
         self.streams_created = Counter("tandem_streams_created", "Streams created", registry=r)
         self.open_streams = Gauge("tandem_open_streams", "SSE connections open now", registry=r)
-        self.events_sent = Counter("tandem_events_sent", "SSE events sent", ["source", "kind"], registry=r)
-        # Children bound once: a labels() lookup per event is measurable on the hot path.
-        self.events_sent_by = {
-            (src, kind): self.events_sent.labels(src, kind)
-            for src, kinds in (("a", _SOURCE_KINDS), ("b", _SOURCE_KINDS), ("stream", ("end", "error")))
-            for kind in kinds
-        }
+        self.events_sent = EventsSent()
+        r.register(self.events_sent)
         self.resumes = Counter("tandem_resumes", "SSE connections that resumed with Last-Event-ID", registry=r)
         self.flush_reaction = Histogram(
             "tandem_flush_reaction_seconds", "B completion noticed -> flushed A backlog sent", buckets=_FAST, registry=r
@@ -33,3 +32,21 @@ class ApiMetrics:
         )
         self.redis_errors = Counter("tandem_redis_errors", "Requests that failed because Redis did not answer", registry=r)
         self.rejected = Counter("tandem_rejected", "Requests refused with an error response", ["code"], registry=r)
+
+
+class EventsSent(Collector):
+    """tandem_events_sent_total{source,kind}, counted in a plain dict: this runs for every event,
+    and a prometheus Counter takes a lock on each increment. Read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {
+            (src, kind): 0
+            for src, kinds in (("a", _SOURCE_KINDS), ("b", _SOURCE_KINDS), ("stream", ("end", "error")))
+            for kind in kinds
+        }
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("tandem_events_sent", "SSE events sent", labels=["source", "kind"])
+        for (src, kind), n in list(self.counts.items()):
+            family.add_metric([src, kind], n)
+        yield family

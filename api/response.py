@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.waker import Waker
+from shared.background import cancel_and_wait
 
 log = logging.getLogger("tandem.api")
 
@@ -26,11 +27,13 @@ log = logging.getLogger("tandem.api")
 class Liveness:
     """Why a stream should stop: the client left, the process is shutting down, or sends stall."""
 
-    __slots__ = ("reason", "waker")
+    __slots__ = ("on_stall", "reason", "sending_since", "waker")
 
     def __init__(self, waker: Waker) -> None:
         self.reason: str | None = None
         self.waker = waker
+        self.sending_since = 0.0  # loop time the send in progress began; 0: none
+        self.on_stall: Callable[[], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -43,10 +46,29 @@ class Liveness:
 
 
 class OpenStreams:
-    """Every open stream of this process, so shutdown can close them all at once."""
+    """Every open stream of this process, so shutdown can close them all at once, and one
+    watchdog for all their sends (a timer per send would cost more than the send's own work)."""
 
     def __init__(self) -> None:
         self._open: set[Liveness] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def watch_sends(self, timeout_s: float) -> None:
+        """Cut any stream whose send has waited `timeout_s` (checked every min(1 s, timeout/4))."""
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(timeout_s), name="tandem-send-watchdog")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._watchdog)
+
+    async def _watch(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            now = loop.time()
+            for live in list(self._open):
+                since = live.sending_since
+                if since and now - since >= timeout_s and live.on_stall is not None:
+                    live.on_stall()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -88,22 +110,24 @@ class SSEResponse(StreamingResponse):
 
         def stall() -> None:
             nonlocal stalled
+            if stalled:
+                return
             stalled = True
             live.close("send_timeout")
             if me is not None:
                 me.cancel()  # the send is blocked in the server's flow control: only a cancel ends it
 
+        live.on_stall = stall  # a reader that accepts nothing for send_timeout_s is cut off (it can resume)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.body_iterator:
                 if live.closed:
                     break
-                # A reader that accepts nothing for send_timeout_s is cut off (it can resume).
-                timer = loop.call_later(self.send_timeout_s, stall)
+                live.sending_since = loop.time()  # OpenStreams' watchdog looks at this
                 try:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 finally:
-                    timer.cancel()
+                    live.sending_since = 0.0
             if live.reason != "disconnect":
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

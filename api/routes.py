@@ -233,7 +233,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
         metrics.open_streams.dec()
         log.info("reader disconnected", extra={"stream": stream_id, "seconds": round(loop.time() - opened, 3)})
 
-    sent = metrics.events_sent_by
+    sent = metrics.events_sent.counts
 
     def on_events(items: list[Event | Phase], now: float) -> None:
         for item in items:
@@ -241,7 +241,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
                 if item.phase == "flush" and feed.b_completed_at is not None:
                     metrics.flush_reaction.observe(max(0.0, time.perf_counter() - feed.b_completed_at))
                 continue
-            sent[item.source, item.kind].inc()
+            sent[item.source, item.kind] += 1
             if first[0] and item.kind == "delta":
                 first[0] = False
                 metrics.first_delta.observe(now - opened)

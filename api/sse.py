@@ -6,8 +6,9 @@ Faults, and what one connection does about them:
   backoff. A browser's EventSource would give up on a 503, so holding on beats closing.
 - The server shuts down (SIGTERM): the body ends at once, cleanly; the client resumes elsewhere
   with Last-Event-ID (`Liveness`, closed by `OpenStreams.close_all`).
-- The client stops reading: one send waits at most TANDEM_SSE_SEND_TIMEOUT_S, then the connection
-  is aborted, not merely closed (see `api.response.SSEResponse`).
+- The client stops reading: one send waits at most TANDEM_SSE_SEND_TIMEOUT_S (a per-process
+  watchdog checks every second), then the connection is aborted, not merely closed (see
+  `api.response.SSEResponse`).
 """
 
 from __future__ import annotations
