@@ -185,14 +185,35 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     """Everything GET .../events does: check, then the SSE response. `raw`: the Last-Event-ID
     (header, else the `last_event_id` query parameter)."""
     s, store = state.settings, state.store
-    meta = await _authorized_meta(state, stream_id, token, authorization)
-    cursor = START
-    if raw is not None and raw != "":
+    # Each Redis round trip of a connect is a loop turn or two of a busy process, so what does not
+    # depend on an earlier answer goes out together (shared/mux.py writes them as one).
+    given = raw is not None and raw != ""
+    parsed: Cursor | CursorError | None = None
+    if given:
         try:
-            cursor = Cursor.parse(raw)
+            parsed = Cursor.parse(raw)  # type: ignore[arg-type]
         except CursorError as e:
-            raise ApiError(400, "bad_last_event_id", str(e)) from None
-        await _check_cursor(store, stream_id, meta, cursor)
+            parsed = e
+    found: bool | BaseException | None = None
+    if isinstance(parsed, Cursor) and parsed.source != "end" and _ID.fullmatch(stream_id):
+        # A resume's check reads the stream before the token is checked; its answer is looked at after.
+        got, found = await asyncio.gather(
+            _authorized_meta(state, stream_id, token, authorization),
+            store.has_entry(stream_id, parsed.source, parsed.entry),  # type: ignore[arg-type]
+            return_exceptions=True,
+        )
+        if isinstance(got, BaseException):
+            raise got
+        meta = got
+    else:
+        meta = await _authorized_meta(state, stream_id, token, authorization)
+    cursor = START
+    if given:
+        if isinstance(parsed, CursorError):
+            raise ApiError(400, "bad_last_event_id", str(parsed)) from None
+        assert parsed is not None
+        cursor = parsed
+        _check_cursor(meta, cursor, found)
         state.metrics.resumes.inc()
         if cursor.source == "end":
             return Response(status_code=204)
@@ -206,8 +227,10 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     channel = store.keys.channel(stream_id)
     await state.hub.subscribe(channel, feed)
     try:
-        # B may have completed between the first read of the meta and the subscription.
-        if is_terminal(await store.source_state(stream_id, "b")):
+        # B may have completed between the first read of the meta and the subscription; the first
+        # catch-up read goes out with that check.
+        b_now, _ = await asyncio.gather(store.source_state(stream_id, "b"), feed.fill())
+        if is_terminal(b_now):
             pacer.b_completed()
     except BaseException:
         state.hub.unsubscribe(channel, feed)
@@ -258,16 +281,18 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _check_cursor(store: Store, stream_id: str, meta: dict[str, str], cursor: Cursor) -> None:
-    """A resume id must be one this stream issued: never someone else's position, never past the end."""
+def _check_cursor(meta: dict[str, str], cursor: Cursor, found: bool | BaseException | None) -> None:
+    """A resume id must be one this stream issued: never someone else's position, never past the
+    end. `found`: whether the stream has that entry (read along with the meta)."""
     if cursor.source == "end":
         if meta.get("status") not in ("completed", "failed", "cancelled"):
             raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
         return
-    src: Source = cursor.source  # type: ignore[assignment]
-    if src == "b" and not is_terminal(meta.get("a_state")):
+    if cursor.source == "b" and not is_terminal(meta.get("a_state")):
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the end of this stream")
-    if not await store.has_entry(stream_id, src, cursor.entry):
+    if isinstance(found, BaseException):
+        raise found
+    if not found:
         raise ApiError(400, "bad_last_event_id", "Last-Event-ID is not an event of this stream")
 
 
