@@ -175,7 +175,14 @@ def test_tail_follow_prints_entries_as_they_are_appended(live1: Stack) -> None:
 
 def test_stats_shows_queue_workers_apis_streams_and_memory(live1: Stack) -> None:
     api, env = live1.apis[0], live1.env
+    # Counts as of a heartbeat at which nothing ran: sources of an earlier test may still be ending.
+    idle = wait_for(
+        lambda: (x := as_json(env, "stats"))["workers"][0]["running"] == 0 and x["sources_running"]["count"] == 0 and x,
+        what="the worker idle at a heartbeat",
+    )
+    time.sleep(1.2)  # one more heartbeat (1 s here), so the count includes whatever just ended
     done_before = as_json(env, "stats")["workers"][0]["sources_done"]
+    assert done_before >= idle["workers"][0]["sources_done"]
     h = create(api.url, body(a_tokens=3, a_interval=10, b_delay=0, b_text="quick"))
     assert read_events(api.url, h["events_url"]).ended
     # a worker's counts are as of its last heartbeat (every TANDEM_WORKER_HEARTBEAT_S, 1 s here)
