@@ -8,7 +8,6 @@ resuming from it is exact: everything strictly after it, nothing at or before it
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Literal
 
 CursorSource = Literal["a", "b", "end"]
@@ -23,10 +22,15 @@ class CursorError(ValueError):
     """A Last-Event-ID that is not one this server could have sent."""
 
 
-@dataclass(frozen=True, slots=True, order=False)
 class Cursor:
-    source: CursorSource
-    entry: str = "0-0"  # Redis stream entry id within `source`; unused for "end"
+    """Immutable by convention. A plain class with slots, not a frozen dataclass: one is made for
+    every event that goes out, and a frozen dataclass's __init__ costs several times as much."""
+
+    __slots__ = ("entry", "source")
+
+    def __init__(self, source: CursorSource, entry: str = "0-0") -> None:
+        self.source: CursorSource = source
+        self.entry = entry  # Redis stream entry id within `source`; unused for "end"
 
     @classmethod
     def parse(cls, raw: str) -> Cursor:
@@ -44,6 +48,17 @@ class Cursor:
 
     def __str__(self) -> str:
         return "end" if self.source == "end" else f"{self.source}-{self.entry}"
+
+    def __repr__(self) -> str:
+        return f"Cursor(source={self.source!r}, entry={self.entry!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Cursor):
+            return NotImplemented
+        return self.source == other.source and self.entry == other.entry
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.entry))
 
     @property
     def key(self) -> tuple[int, int, int]:
