@@ -260,12 +260,13 @@ class Bench:
         return out
 
     def settle(self, target: Target, limit_s: float = 10.0) -> None:
-        """Wait until the target's HTTP server is quiet (< 5% of a core over 0.4 s, give or take a tick)."""
+        """Wait until each of the target's processes is quiet (< 5% of a core over 0.4 s, give or
+        take a tick): the workers and Redis may still be winding down the previous run."""
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
-            c0 = cpu_seconds(target.server_pid)
+            c0 = {k: cpu_seconds(p) for k, p in target.pids.items()}
             time.sleep(0.4)
-            if cpu_seconds(target.server_pid) - c0 <= 0.4 * 0.05 + 0.01:
+            if all(cpu_seconds(p) - c0[k] <= 0.4 * 0.05 + 0.01 for k, p in target.pids.items()):
                 return
 
     def api_redis_conns(self) -> int:
