@@ -78,6 +78,26 @@ local function settle(meta, keys_to_expire, retention_ms, now_ms, running, strea
   for _, k in ipairs(keys_to_expire) do redis.call('PEXPIRE', k, retention_ms) end
   redis.call('ZREM', running, stream_id .. ':a', stream_id .. ':b')
 end
+
+-- For the scripts with KEYS meta, a, b, lease:a, lease:b, running and ARGV channel, retention_ms,
+-- now_ms, stream_id: end source `src` with an error entry, then settle the stream.
+local function end_source(src, code, message)
+  finish_one(src, ARGV[4], ARGV[1], {'type', 'error', 'code', code, 'message', message})
+  settle(KEYS[1], {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+end
+
+-- Same KEYS and ARGV: the lease key and `running` member of source `src`, or nil when the source
+-- is not running any more (its member is dropped then).
+local function running_lease(src)
+  local lease = KEYS[4]
+  if src == 'b' then lease = KEYS[5] end
+  local member = ARGV[4] .. ':' .. src
+  if redis.call('HGET', KEYS[1], src .. '_state') ~= 'running' then
+    redis.call('ZREM', KEYS[6], member)
+    return nil
+  end
+  return lease, member
+end
 """
 
 # KEYS: meta, a, b, lease:a, lease:b, running
@@ -110,9 +130,8 @@ _APPEND = (
     _LUA_PRELUDE
     + r"""
 local meta, src = KEYS[1], ARGV[5]
-local skey, lease = KEYS[2], KEYS[4]
-if src == 'b' then skey, lease = KEYS[3], KEYS[5] end
-local member = ARGV[4] .. ':' .. src
+local skey = KEYS[2]
+if src == 'b' then skey = KEYS[3] end
 -- One read and one write of the meta hash per call: this runs once per token at 20 tokens/s.
 local st, tokens, events, prev = unpack(redis.call('HMGET', meta, src .. '_state', src .. '_tokens',
   src .. '_events', src .. '_last'))
@@ -123,9 +142,7 @@ local expected = tonumber(ARGV[7])
 if expected >= 0 then
   if tokens == expected + n then return n end
   if tokens ~= expected then
-    finish_source(meta, skey, lease, KEYS[6], member, ARGV[1], src, {'type', 'error', 'code', 'worker_lost',
-      'message', 'Redis lost part of this source (it restarted without its latest writes)'})
-    settle(meta, {meta, KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+    end_source(src, 'worker_lost', 'Redis lost part of this source (it restarted without its latest writes)')
     return -1
   end
 end
@@ -147,9 +164,7 @@ else
   take = 0
 end
 if take < n then
-  local limit = 'source reached the limit of ' .. ARGV[6] .. ' events (TANDEM_MAX_SOURCE_EVENTS)'
-  finish_source(meta, skey, lease, KEYS[6], member, ARGV[1], src, {'type', 'error', 'code', 'too_long', 'message', limit})
-  settle(meta, {meta, KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+  end_source(src, 'too_long', 'source reached the limit of ' .. ARGV[6] .. ' events (TANDEM_MAX_SOURCE_EVENTS)')
   return -1
 end
 return take
@@ -198,21 +213,15 @@ _RENEW = (
     _LUA_PRELUDE
     + r"""
 local src = ARGV[5]
-local lease = KEYS[4]
-if src == 'b' then lease = KEYS[5] end
-local member = ARGV[4] .. ':' .. src
-if redis.call('HGET', KEYS[1], src .. '_state') ~= 'running' then
-  redis.call('ZREM', KEYS[6], member)
-  return 0
-end
+local lease, member = running_lease(src)
+if not lease then return 0 end
 if redis.call('GET', lease) == ARGV[6] then
   redis.call('PEXPIRE', lease, ARGV[7])
   redis.call('ZADD', KEYS[6], tonumber(ARGV[3]) + tonumber(ARGV[7]), member)
   return 1
 end
-finish_one(src, ARGV[4], ARGV[1], {'type', 'error', 'code', 'worker_lost',
-  'message', 'the worker running this source lost its lease (stalled, or cut off from Redis, for longer than TANDEM_LEASE_S)'})
-settle(KEYS[1], {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+end_source(src, 'worker_lost',
+  'the worker running this source lost its lease (stalled, or cut off from Redis, for longer than TANDEM_LEASE_S)')
 return -1
 """
 )
@@ -225,21 +234,14 @@ _REAP = (
     _LUA_PRELUDE
     + r"""
 local src = ARGV[5]
-local lease = KEYS[4]
-if src == 'b' then lease = KEYS[5] end
-local member = ARGV[4] .. ':' .. src
-if redis.call('HGET', KEYS[1], src .. '_state') ~= 'running' then
-  redis.call('ZREM', KEYS[6], member)
-  return 0
-end
+local lease, member = running_lease(src)
+if not lease then return 0 end
 local pttl = redis.call('PTTL', lease)
 if pttl > 0 then
   redis.call('ZADD', KEYS[6], tonumber(ARGV[3]) + pttl, member)
   return 0
 end
-finish_one(src, ARGV[4], ARGV[1], {'type', 'error', 'code', 'worker_lost',
-  'message', 'the worker running this source was lost (no lease renewal within TANDEM_LEASE_S)'})
-settle(KEYS[1], {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[2], ARGV[3], KEYS[6], ARGV[4])
+end_source(src, 'worker_lost', 'the worker running this source was lost (no lease renewal within TANDEM_LEASE_S)')
 return 1
 """
 )

@@ -543,3 +543,35 @@ async def test_values_are_plain_strings_and_json(store: Store, redis: Redis) -> 
                 orjson.loads(text)
             checked += 1
     assert checked > 20
+
+
+# -- leases and lost writes ----------------------------------------------------------------------
+
+
+async def test_renew_and_reap(store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)  # A held by w1, B by w2
+    assert await store.renew(sid, "a", "w1") == 1
+    assert 0 < await redis.pttl(store.keys.lease(sid, "a")) <= store.lease_ttl_ms
+    assert await store.reap(sid, "a") == 0  # its lease is alive: only re-scored
+    assert await store.renew(sid, "a", "intruder") == -1  # not this worker's lease: ended
+    meta = await store.meta(sid)
+    assert meta is not None and meta["a_state"] == "failed" and "lost its lease" in meta["a_error"]
+    assert await store.renew(sid, "a", "w1") == 0 and await store.reap(sid, "a") == 0  # not running any more
+    assert await redis.zscore(store.keys.running, f"{sid}:a") is None
+    await redis.delete(store.keys.lease(sid, "b"))  # B's worker died
+    assert await store.reap(sid, "b") == 1
+    meta = await store.meta(sid)
+    assert meta is not None and meta["b_state"] == "failed" and "no lease renewal" in meta["b_error"]
+    assert meta["status"] == "failed" and not await redis.exists(store.keys.lease(sid, "a"), store.keys.lease(sid, "b"))
+    rows = await store.read(sid, "b", "0-0", 10)
+    assert [f["code"] for _, f in rows] == ["worker_lost"]
+
+
+async def test_append_that_finds_writes_missing_ends_the_source(store: Store) -> None:
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["x", "y"], expected=0) == 2
+    assert await store.append(sid, "a", ["z"], expected=5) == -1  # Redis has fewer than the worker wrote
+    rows = await store.read(sid, "a", "0-0", 10)
+    assert [f.get("text", f.get("code")) for _, f in rows] == ["x", "y", "worker_lost"]
+    meta = await store.meta(sid)
+    assert meta is not None and meta["a_state"] == "failed" and "Redis lost part" in meta["a_error"]
