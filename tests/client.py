@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,25 +79,31 @@ def read_events(
         if r.status_code != 200:
             r.read()
             return run
-        buf = b""
         counted = 0
-        for chunk in r.iter_raw():
-            buf += chunk
-            msgs, buf = parse_sse(buf)
-            now = time.monotonic()
-            for event, eid, data in msgs:
-                if event is None:
-                    continue
-                run.events.append(Received(event, eid, orjson.loads(data) if data else {}, now))
-                if eid is not None:
-                    run.last_id = eid
-                    counted += 1
-                if event == "end":
-                    run.ended = True
-                    return run
-                if stop_after is not None and eid is not None and counted >= stop_after:
-                    return run
+        for ev in received(r):
+            run.events.append(ev)
+            if ev.id is not None:
+                run.last_id = ev.id
+                counted += 1
+            if ev.event == "end":
+                run.ended = True
+                return run
+            if stop_after is not None and ev.id is not None and counted >= stop_after:
+                return run
     return run
+
+
+def received(r: httpx.Response) -> Iterator[Received]:
+    """The messages of a streamed SSE response as they arrive (comments left out), each stamped
+    with the monotonic time of the chunk it came in."""
+    buf = b""
+    for chunk in r.iter_raw():
+        buf += chunk
+        msgs, buf = parse_sse(buf)
+        now = time.monotonic()
+        for event, eid, data in msgs:
+            if event is not None:
+                yield Received(event, eid, orjson.loads(data) if data else {}, now)
 
 
 def create(base: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:

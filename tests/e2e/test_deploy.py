@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import yaml
 
 from shared.redis_server import RedisServer
-from tests.client import Received, Run, create, parse_sse
+from tests.client import Run, create, received
 from tests.harness import ROOT, Proc, Stack, stack
 from tests.nginx import CONF, Nginx, find_nginx, render_conf, run_nginx
 
@@ -309,20 +308,13 @@ def read_sse(
             if r.status_code != 200:
                 r.read()
                 return rd
-            buf = b""
-            for chunk in r.iter_raw():
-                buf += chunk
-                msgs, buf = parse_sse(buf)
-                now = time.monotonic()
-                for event, eid, data in msgs:
-                    if event is None:
-                        continue
-                    rd.run.events.append(Received(event, eid, orjson.loads(data) if data else {}, now))
-                    if eid is not None:
-                        rd.run.last_id = eid
-                    if event == "end":
-                        rd.run.ended = True
-                        return rd
+            for ev in received(r):
+                rd.run.events.append(ev)
+                if ev.id is not None:
+                    rd.run.last_id = ev.id
+                if ev.event == "end":
+                    rd.run.ended = True
+                    return rd
             rd.broken = "the response ended without an end event"
     except httpx.TransportError as e:
         rd.broken = f"{type(e).__name__}: {e}"

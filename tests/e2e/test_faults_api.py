@@ -28,7 +28,7 @@ from redis import Redis
 
 from shared.cursor import Cursor
 from shared.redis_server import RedisServer
-from tests.client import Received, create, parse_sse
+from tests.client import Received, create, parse_sse, received
 from tests.harness import Proc, Stack, stack, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -134,26 +134,18 @@ class Follower:
                     if r.status_code == 204:
                         self.ended = True
                     return conn
-                buf = b""
-                for chunk in r.iter_raw():
-                    buf += chunk
-                    msgs, buf = parse_sse(buf)
-                    now = time.monotonic()
-                    for event, eid, data in msgs:
-                        if event is None:
-                            continue
-                        ev = Received(event, eid, orjson.loads(data) if data else {}, now)
-                        self.events.append(ev)
-                        conn.events += 1
-                        if eid is not None:
-                            self.last_id = eid
-                        if event == "end":
-                            self.ended = True
-                            conn.how = "end"
-                            return conn
-                        if stop is not None and stop(ev):
-                            conn.how = "stopped"
-                            return conn
+                for ev in received(r):
+                    self.events.append(ev)
+                    conn.events += 1
+                    if ev.id is not None:
+                        self.last_id = ev.id
+                    if ev.event == "end":
+                        self.ended = True
+                        conn.how = "end"
+                        return conn
+                    if stop is not None and stop(ev):
+                        conn.how = "stopped"
+                        return conn
                 conn.how = "closed"
         except httpx.HTTPError as e:
             conn.how = f"broken: {type(e).__name__}"

@@ -24,7 +24,7 @@ from redis import Redis
 
 from shared.keys import Keys
 from shared.redis_server import RedisServer
-from tests.client import Received, Run, create, parse_sse, read_events
+from tests.client import Received, Run, create, read_events, received
 from tests.harness import Proc, Stack, stack, wait_ready
 from tests.tasks_probe import records
 
@@ -50,19 +50,13 @@ class LiveReader(threading.Thread):
         try:
             with httpx.Client(timeout=httpx.Timeout(10.0, read=60.0)) as c, c.stream("GET", self.url, headers=headers) as r:
                 self.status = r.status_code
-                buf = b""
-                for chunk in r.iter_raw():
-                    buf += chunk
-                    msgs, buf = parse_sse(buf)
-                    for event, eid, data in msgs:
-                        if event is None:
-                            continue
-                        self.events.append(Received(event, eid, orjson.loads(data) if data else {}, time.monotonic()))
-                        if eid is not None:
-                            self.last_id = eid
-                            counted += 1
-                        if event == "end" or (self.stop_after is not None and counted >= self.stop_after):
-                            return
+                for ev in received(r):
+                    self.events.append(ev)
+                    if ev.id is not None:
+                        self.last_id = ev.id
+                        counted += 1
+                    if ev.event == "end" or (self.stop_after is not None and counted >= self.stop_after):
+                        return
         except BaseException as e:  # surfaced by the test
             self.error = e
 
