@@ -442,16 +442,9 @@ class Bench:
             if tandem:
                 after["redis_conns"] = self.api_redis_conns()
                 after["redis_used_kib"] = self.redis_used_kib()
-            for c in clients:
-                c.send("close")
-            for c in clients:
-                c.expect("result", 60)
+            self._close_idle(clients)
         finally:
-            for c in clients:
-                c.close()
-            if tandem and self.redis_client is not None:
-                self.redis_client.delete(self.queue_name)  # the held jobs never run
-            target.release()
+            self._release_idle(target, clients)
         out: dict[str, Any] = {
             "streams": n, "opened": opened, "before": before, "after": after,
             "rss_per_stream_kib": round((after["rss_kib"] - before["rss_kib"]) / max(opened, 1), 2),
@@ -470,16 +463,24 @@ class Bench:
             clients = self.clients(target, job, n, name)
             for c in clients:
                 c.expect("ready", job["open_timeout_s"] + 30)
-            for c in clients:
-                c.send("close")
-            for c in clients:
-                c.expect("result", 60)
+            self._close_idle(clients)
         finally:
-            for c in clients:
-                c.close()
-            if target.name == "tandem" and self.redis_client is not None:
-                self.redis_client.delete(self.queue_name)
-            target.release()
+            self._release_idle(target, clients)
+
+    @staticmethod
+    def _close_idle(clients: list[Client]) -> None:
+        """Tell idle-stream clients to drop their connections, and wait for their reports."""
+        for c in clients:
+            c.send("close")
+        for c in clients:
+            c.expect("result", 60)
+
+    def _release_idle(self, target: Target, clients: list[Client]) -> None:
+        for c in clients:
+            c.close()
+        if target.name == "tandem" and self.redis_client is not None:
+            self.redis_client.delete(self.queue_name)  # the held jobs never run
+        target.release()
 
     def profile(self) -> dict[str, Any]:
         """py-spy on the API process during an unpaced run of `profile_streams` (1,000) streams."""
