@@ -3,6 +3,7 @@ per test, and real tandem processes on top of it."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from api.hub import Hub
 from shared.mux import Mux
 from shared.redis_server import RedisServer
 from shared.settings import Settings
@@ -54,3 +56,13 @@ def live(tmp_path: Path, redis_server: RedisServer) -> Iterator[Stack]:
     """Two `tandem api` and two `tandem worker` processes on the session's Redis."""
     with stack(tmp_path, redis_server, apis=2, workers=2) as s:
         yield s
+
+
+@pytest.fixture
+async def hub(redis_server: RedisServer, prefix: str) -> AsyncIterator[Hub]:
+    """A running hub (api/hub.py) on the test Redis."""
+    h = Hub(Redis.from_url(redis_server.url, socket_connect_timeout=2.0), f"{prefix}:hub", confirm_timeout_s=3.0)
+    await h.start()
+    await asyncio.wait_for(h.connected.wait(), 5.0)
+    yield h
+    await h.stop()

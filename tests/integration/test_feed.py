@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -186,15 +186,6 @@ def assert_shape(reader: Reader) -> None:
     order = ["slow", "flush", "waiting", "b"]
     ph = reader.phases()
     assert ph == sorted(set(ph), key=order.index)
-
-
-@pytest.fixture
-async def hub(redis_server: RedisServer, prefix: str) -> AsyncIterator[Hub]:
-    h = Hub(Redis.from_url(redis_server.url, socket_connect_timeout=2.0), f"{prefix}:hub", confirm_timeout_s=3.0)
-    await h.start()
-    await asyncio.wait_for(h.connected.wait(), 5.0)
-    yield h
-    await h.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -53,15 +53,6 @@ async def numsub_becomes(redis: Redis, channel: str, n: int, within: float = 5.0
 async def numsub(redis: Redis, channel: str) -> int:
     ((_, n),) = await redis.pubsub_numsub(channel)
     return int(n)
-
-
-@pytest.fixture
-async def hub(redis_server: RedisServer, prefix: str) -> AsyncIterator[Hub]:
-    h = Hub(Redis.from_url(redis_server.url, socket_connect_timeout=2.0), f"{prefix}:hub", confirm_timeout_s=3.0)
-    await h.start()
-    await asyncio.wait_for(h.connected.wait(), 5.0)
-    yield h
-    await h.stop()
 
 
 async def test_subscribe_then_receive(hub: Hub, store: Store, redis: Redis) -> None:
