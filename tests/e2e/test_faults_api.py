@@ -300,7 +300,7 @@ class RedisCutter:
         self.cut: tuple[int, int, int] | None = None  # (k, i, commands in that batch)
         self.down_until = 0.0
         self.batches: list[list[bytes]] = []  # command names of each relevant batch seen while armed
-        self.dead: set[int] = set()  # ids of sockets whose traffic is silently dropped (a vanished host)
+        self.dead: set[socket.socket] = set()  # sockets whose traffic is silently dropped (held, so never confused with a new one)
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -319,7 +319,7 @@ class RedisCutter:
         """Every open connection goes silent, both ways, without being closed: as if the host had
         vanished. New connections work."""
         with self.lock:
-            self.dead |= {id(x) for x in self.socks}
+            self.dead |= set(self.socks)
 
     def _accept(self) -> None:
         while True:
@@ -343,7 +343,7 @@ class RedisCutter:
     def _down(self, u: socket.socket, c: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := u.recv(65536):
-                if id(u) not in self.dead:
+                if u not in self.dead:
                     c.sendall(data)
         self._close(c, u)
 
@@ -351,11 +351,14 @@ class RedisCutter:
         buf = b""
         with contextlib.suppress(OSError):
             while data := c.recv(65536):
-                if id(c) in self.dead:
+                if c in self.dead:
                     continue
                 buf += data
                 cmds, rest = resp_commands(buf)
                 forward, cut = self._decide(cmds)
+                if cut:
+                    with self.lock:  # Redis's answer to what goes through is lost with the cut, always
+                        self.dead.add(u)
                 u.sendall(buf[:forward] if cut else buf[:rest])
                 if cut:
                     self._cut_all()
