@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from api.limits import BodyLimit
 from api.metrics import ApiMetrics
 from api.readers import ReaderCounts
 from api.routes import State, router
+from shared.gcpolicy import tune_gc
 from shared.logs import setup_logging
 from shared.mux import Mux
 from shared.settings import Settings
@@ -64,12 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await readers.start()
         app.state.tandem = state = State(settings, commands, store, hub, registry, ApiMetrics())
         state.open_streams.watch_sends(settings.sse_send_timeout_s)
-        # Long-lived start-up objects need not be scanned by every full collection (tail latency).
-        gc.collect()
-        gc.freeze()
-        # Each open stream holds a few dozen tracked objects; with thousands open, frequent young
-        # collections and the full ones they trigger set the tail latency (PERFORMANCE.md).
-        gc.set_threshold(20_000, 50, 100)
+        tune_gc()  # thousands of open streams: rare full collections (tail latency)
         try:
             yield
         finally:

@@ -22,6 +22,7 @@ from arq.worker import Worker, func
 from redis.commands.core import AsyncScript
 from redis.exceptions import WatchError
 
+from shared.gcpolicy import tune_gc
 from shared.settings import Settings
 from shared.store import Store
 from workers.job import run_source
@@ -76,6 +77,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         await start_worker_ops(ctx, settings)  # /metrics on TANDEM_WORKER_METRICS_PORT, heartbeat for `tandem stats`
         sweeper = ctx["sweeper"] = Sweeper(ctx["store"], settings, ctx["worker_id"])
         sweeper.start()  # ends the sources of dead workers (leases), orphans, index trim
+        tune_gc()  # thousands of running sources: rare full collections (tail latency)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         sweeper: Sweeper | None = ctx.get("sweeper")
