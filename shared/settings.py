@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     worker_drain_s: float = Field(default=8.0, ge=0)  # on SIGTERM, running sources get this long to finish; then worker_lost
     orphan_s: float = Field(default=0.0, ge=0)  # cancel a running stream no SSE reader has had open for this long (0 = off)
     append_max_batch: int = Field(256, ge=1, le=10_000)  # most deltas in one XADD round trip
+    append_window_ms: float = Field(2.0, ge=0, le=1000)  # a worker writes its appends at most once per window
     queue_name: str = "tandem:queue"
     # Extra tasks by import path: "pkg.module:TASK,other.module:TASK" (or a JSON list).
     tasks: Annotated[list[str], NoDecode] = []

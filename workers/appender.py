@@ -2,9 +2,9 @@
 
 `add` only buffers; the worker's one `AppendPipe` (workers/pipe.py) takes what every running source
 has buffered and writes it in one pipelined round trip. The first chunk of a quiet source goes out
-at once; chunks that arrive while a write is in flight go together in the next one. So a burst, or
-a thousand paced sources, cost one round trip per batch instead of one per token, and no task or
-future is made per token.
+at once; chunks that arrive while a write is in flight, or within the pipe's write window, go
+together in the next one. So a burst, or a thousand paced sources, cost one round trip per batch
+instead of one per token, and no task or future is made per token.
 
 While Redis is unavailable the pipe retries (workers/lease.py, `redis_retry`) and chunks keep
 queueing up to 4 batches, then the task waits. Each append carries the count appended before it, so

@@ -5,6 +5,12 @@ script call per token would cost a round trip and a task each, most of the worke
 task writes, and whatever all sources buffered while the previous write was in flight goes
 together in the next (one EVALSHA per source, pipelined, not a transaction: each script is atomic
 on its own stream's keys, so the batch stays legal on Redis Cluster; Store.append_many).
+
+Writes start at most once per TANDEM_APPEND_WINDOW_MS (2 ms). Without the window, a moderately
+loaded worker wrote each token on its own as it came, and every process down the line (Redis,
+the API's hub, the client) woke once per token: at 500 paced streams the whole machine spent
+~10% more CPU and token latency doubled. The first write after a quiet spell goes out at once;
+the window only spaces the writes that follow, so it adds at most that much to a token's latency.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ Call = tuple[Appender, list[str], int]
 
 
 class AppendPipe:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, window_s: float = 0.0) -> None:
+        """`window_s`: the least time between the starts of two writes."""
         self._store = store
+        self._window = window_s
         self._ready: dict[Appender, None] = {}  # an ordered set: first come, first written
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -42,10 +50,16 @@ class AppendPipe:
         self._wake.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = 0.0
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._ready:
+                delay = next_at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at = loop.time() + self._window
                 batch = list(self._ready)
                 self._ready.clear()
                 calls: list[Call] = [(ap, *ap.take()) for ap in batch]

@@ -69,7 +69,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
         ctx["store"] = Store(redis, settings)
-        ctx["pipe"] = AppendPipe(ctx["store"])  # one writer for every running source's tokens
+        ctx["pipe"] = AppendPipe(ctx["store"], settings.append_window_ms / 1000)  # one writer for every running source's tokens
         ctx["pipe"].start()
         ctx["registry"] = registry
         ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
