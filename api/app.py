@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         readers = ReaderCounts(commands, store.keys, hub)  # readers per stream, for `tandem ls`
         await readers.start()
         app.state.tandem = state = State(settings, commands, store, hub, registry, ApiMetrics())
-        state.open_streams.watch_sends(settings.sse_send_timeout_s)
+        state.open_streams.watch_sends(settings.sse_send_timeout_s, settings.sse_ping_s)
         tune_gc()  # thousands of open streams: rare full collections (tail latency)
         try:
             yield

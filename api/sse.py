@@ -45,8 +45,10 @@ async def event_stream(
 ) -> AsyncIterator[bytes]:
     """`live`: closed when the client left or the process shuts down (the body ends at once; the
     client resumes elsewhere). `ping_s`: a comment line goes out when nothing else was sent for
-    that long. `hub_connected`: whether the hub's pub/sub connection is up; while it is down, a
-    failed catch-up read waits for the hub's resync instead of retrying on a timer."""
+    that long; the process's watchdog wakes the stream for it (`Liveness.ping_due`), so waiting
+    for the next event arms no timer. `hub_connected`: whether the hub's pub/sub connection is
+    up; while it is down, a failed catch-up read waits for the hub's resync instead of retrying
+    on a timer."""
     loop = asyncio.get_running_loop()
     pacer = feed.pacer
     hold: float | None = None  # after a failed read: none before this loop time (inf: until the hub resyncs)
@@ -59,6 +61,7 @@ async def event_stream(
     try:
         yield sse_retry(retry_ms) + sse_message("meta", meta_doc)
         sent_at = loop.time()
+        live.ping_due = sent_at + ping_s
         while True:
             if live.closed:
                 return  # the client left, or resumes on another replica
@@ -80,9 +83,11 @@ async def event_stream(
                     on_events(items, now)  # type: ignore[arg-type]
                 yield b"".join([item.sse() for item in items])
                 sent_at = now
+                live.ping_due = now + ping_s
             elif now - sent_at >= ping_s:
                 yield PING
                 sent_at = now
+                live.ping_due = now + ping_s
             if pacer.finished:
                 return
             if wake_at is not None and wake_at <= loop.time():
@@ -90,11 +95,9 @@ async def event_stream(
                 continue
             if feed.needs_fill() and may_read():
                 continue
-            deadline = sent_at + ping_s
-            if wake_at is not None:
-                deadline = min(deadline, wake_at)
+            deadline = wake_at
             if hold is not None and hold != math.inf and feed.needs_fill():
-                deadline = min(deadline, hold)
+                deadline = hold if deadline is None else min(deadline, hold)
             await feed.waker.wait(deadline)
     finally:
         on_close()
