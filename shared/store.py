@@ -8,6 +8,7 @@ channel (with its entries, in XRANGE's shape) in the same step.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -19,8 +20,12 @@ from typing import Any, cast
 import orjson
 from arq.constants import abort_jobs_ss, job_key_prefix, retry_key_prefix
 from hiredis import pack_command
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.events import TERMINAL_STATES, Entry, delta_fields, error_fields, fields_dict
 from shared.keys import SOURCES, Keys, Source
@@ -249,6 +254,7 @@ return 1
 # A lease lives this fraction of TANDEM_LEASE_S: with renewals every lease_s/5 and a sweep every
 # lease_s/5 (workers/lease.py), a dead worker's source ends at most 0.9 * lease_s after it died.
 LEASE_TTL_FRACTION = 0.7
+APPEND_PARTS_CACHED = 20_000  # sources whose packed append arguments a Store keeps (a few hundred bytes each)
 
 
 Command = tuple[str | bytes | int | float, ...]  # one Redis command, as its arguments
@@ -291,6 +297,7 @@ class Store:
         self._renew = redis.register_script(_RENEW)
         self._reap = redis.register_script(_REAP)
         self.lease_ttl_ms = max(1, int(settings.lease_s * LEASE_TTL_FRACTION * 1000))
+        self._append_parts: dict[tuple[str, Source], tuple[bytes, bytes]] = {}  # _packed_append
 
     # -- create --------------------------------------------------------------------------------
 
@@ -452,11 +459,8 @@ class Store:
         hiredis in C and written on one pooled connection, without the pipeline's SCRIPT EXISTS
         round trip. A NOSCRIPT (Redis restarted and forgot the script) loads it and writes again.
         """
-        sha = self._append.sha
-        payload = b"".join([
-            pack_command(cast(Any, ("EVALSHA", sha, 6, *self._append_keys(sid), *self._append_args(sid, src, texts, expected))))
-            for sid, src, texts, expected in calls
-        ])  # fmt: skip
+        now = now_ms()
+        payload = b"".join([self._packed_append(sid, src, texts, expected, now) for sid, src, texts, expected in calls])
         for attempt in (1, 2):
             replies = await self._pipelined(payload, len(calls))
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
@@ -465,18 +469,26 @@ class Store:
             break
         return [r if isinstance(r, ResponseError) else int(r) for r in replies]
 
+    def _packed_append(self, stream_id: str, source: Source, texts: Sequence[str], expected: int | None, now: int) -> bytes:
+        """One append's EVALSHA in RESP, as `pack_command` would write it. Of its arguments only
+        the time, `expected` and the texts change from call to call: the keys and the rest are
+        packed once per source (naming six keys took longer than packing the whole command)."""
+        parts = self._append_parts.get((stream_id, source))
+        if parts is None:
+            if len(self._append_parts) >= APPEND_PARTS_CACHED:
+                self._append_parts.clear()  # running sources re-pack theirs at their next append
+            head = _bulks(("EVALSHA", self._append.sha, 6, *self._append_keys(stream_id), self.keys.channel(stream_id),
+                           self.settings.retention_s * 1000))  # fmt: skip
+            parts = self._append_parts[(stream_id, source)] = (head, _bulks((stream_id, source, self.settings.max_source_events)))
+        head, tail = parts
+        return b"".join((b"*%d\r\n" % (16 + len(texts)), head, _bulks((now,)), tail, _bulks((-1 if expected is None else expected, *texts))))
+
     async def _pipelined(self, payload: bytes, n: int) -> list[Any]:
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
         try:
             await conn.send_packed_command(payload)
-            replies: list[Any] = []
-            for _ in range(n):
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as e:  # this call's error; the replies after it still follow
-                    replies.append(e)
-            return replies
+            return await _read_replies(conn, n)
         except BaseException:
             await conn.disconnect(nowait=True)  # replies may be left unread: never reuse it
             raise
@@ -581,6 +593,44 @@ class Store:
     def _expiring(self, stream_id: str) -> list[str]:
         k = self.keys
         return [k.events(stream_id, "a"), k.events(stream_id, "b"), k.lease(stream_id, "a"), k.lease(stream_id, "b")]
+
+
+def _bulks(args: Sequence[str | int]) -> bytes:
+    """`args` as RESP bulk strings, without the array header `pack_command` starts with."""
+    packed: bytes = pack_command(cast(Any, tuple(args)))
+    return packed[packed.index(b"\r\n") + 2 :]
+
+
+async def _read_replies(conn: AbstractConnection, n: int) -> list[Any]:
+    """`n` replies, a Redis error among them as that reply's value. With hiredis, straight from
+    the connection's own reader under one timeout for all of them: redis-py's `read_response`
+    costs ~7 us per reply (a timeout context and three coroutine calls each), more than the
+    append's own packing, and a worker reads one reply per source per write."""
+    parser = conn._parser
+    reader = getattr(parser, "_reader", None)
+    if not isinstance(parser, _AsyncHiredisParser) or reader is None:
+        replies: list[Any] = []
+        for _ in range(n):
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as e:  # this call's error; the replies after it still follow
+                replies.append(e)
+        return replies
+    timeout = conn.socket_timeout
+    replies = []
+    try:
+        async with asyncio.timeout(float(timeout) if timeout else None):
+            while len(replies) < n:
+                reply = reader.gets()
+                if reply is NOT_ENOUGH_DATA:
+                    await parser.read_from_socket()  # type: ignore[no-untyped-call]
+                elif isinstance(reply, RedisConnectionError):
+                    raise reply
+                else:
+                    replies.append(reply)  # errors come as values (the reader's replyError)
+    except TimeoutError:
+        raise RedisTimeoutError(f"no reply from Redis within {timeout} s") from None
+    return replies
 
 
 def is_terminal(state: str | None) -> bool:

@@ -9,12 +9,15 @@ from typing import Any
 import orjson
 import pytest
 from arq.constants import job_key_prefix, retry_key_prefix
+from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.events import Announcement, done_fields, error_fields, parse_announcement
 from shared.keys import Source
+from shared.redis_server import RedisServer
 from shared.settings import Settings
 from shared.store import Store, token_matches
 
@@ -231,6 +234,41 @@ async def test_append_many_after_redis_forgot_the_script(store: Store, redis: Re
     await redis.script_flush()
     assert await store.append_many([(sid, "a", ["x"], 0), (sid, "b", ["y"], 0)]) == [1, 1]
     assert await store.text(sid, "a") == "x" and await store.text(sid, "b") == "y"
+
+
+def test_packed_appends_are_what_pack_command_writes(store: Store) -> None:
+    for sid, src, texts, expected in [("s1", "a", ["x"], 0), ("s1", "a", ["é\n", "", "two words"], 7), ("s-2", "b", ["y"], None)]:
+        args = store._append_args(sid, src, texts, expected)  # type: ignore[arg-type]
+        args[2] = 1_700_000_000_123  # now_ms
+        want = pack_command(("EVALSHA", store._append.sha, 6, *store._append_keys(sid), *args))
+        assert store._packed_append(sid, src, texts, expected, 1_700_000_000_123) == want  # type: ignore[arg-type]
+
+
+async def test_append_many_reads_every_reply_of_a_large_batch(store: Store) -> None:
+    sids = [await running_stream(store) for _ in range(40)]
+    calls = [(sid, "a", [f"{i}-{j} " for j in range(50)], 0) for i, sid in enumerate(sids)]
+    assert await store.append_many(calls) == [50] * 40  # type: ignore[arg-type]
+    # 40 x 50 texts again with the same `expected`: answered from the meta, nothing written twice
+    assert await store.append_many([*calls, (sids[0], "a", ["more"], 50)]) == [50] * 40 + [1]  # type: ignore[arg-type]
+    assert await store.text(sids[0], "a") == "".join(f"0-{j} " for j in range(50)) + "more"
+
+
+async def test_append_many_times_out_when_redis_does_not_answer(redis_server: RedisServer, settings: Settings, redis: Redis) -> None:
+    slow = Redis.from_url(redis_server.url, socket_timeout=0.3)
+    store = Store(slow, settings)
+    try:
+        sid = await running_stream(store)
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # scripts that write wait
+        with pytest.raises(RedisTimeoutError):
+            await store.append_many([(sid, "a", ["x"], 0)])
+        await asyncio.sleep(1.5)
+        # The connection that timed out was dropped (its late reply would answer the next call);
+        # the retry with the same `expected` writes nothing twice.
+        assert await store.append_many([(sid, "a", ["x"], 0), (sid, "a", ["y"], 1)]) == [1, 1]
+        assert await store.text(sid, "a") == "xy"
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await slow.aclose()
 
 
 async def test_append_to_a_queued_or_unknown_source_is_refused(store: Store) -> None:
