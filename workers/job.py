@@ -57,7 +57,7 @@ async def run_source(ctx: dict[str, Any], stream_id: str, source: str) -> str:
     if before != "queued":
         return before  # already terminal: cancelled (or lost) before this attempt
 
-    lease = Lease(store, stream_id, src, worker_id)
+    lease = Lease(store, stream_id, src, worker_id, renew=ctx["pipe"].renew)
     lease.start()
     try:
         return await _run(ctx, store, registry, stream_id, src, lease)

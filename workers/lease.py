@@ -4,7 +4,8 @@ through Redis outages.
 **Lease.** Claiming a source (``Store.start``) sets ``<prefix>:{id}:lease:<src>`` = worker id with a
 TTL of 0.7 * ``TANDEM_LEASE_S`` and scores the source's ``<prefix>:running`` member with that
 deadline. While the source runs, its job renews both every lease_s/5 (three missed renewals in a
-row still keep it). A killed worker stops renewing; its lease expires.
+row still keep it); the renewal is written in the worker's next append write (workers/pipe.py), not
+in a round trip of its own. A killed worker stops renewing; its lease expires.
 
 **Sweeper.** Every worker runs one, every lease_s/5: the ``running`` members whose deadline has
 passed are checked in Lua (``Store.reap``); a source whose lease is gone and whose state is still
@@ -77,8 +78,13 @@ class Lease:
     writing the terminal entry). When a renewal finds that the source is no longer running, or that
     the lease expired (and ends the source with `worker_lost`), it cancels the job: `lost` says why."""
 
-    def __init__(self, store: Store, stream_id: str, source: Source, worker_id: str) -> None:
+    def __init__(
+        self, store: Store, stream_id: str, source: Source, worker_id: str, renew: Callable[[str, Source, str], Awaitable[int]] | None = None
+    ) -> None:
+        """`renew`: how a renewal is written (`Store.renew`'s signature; the worker's append pipe
+        writes it along with the appends, workers/pipe.py)."""
         self.store, self.stream_id, self.source, self.worker_id = store, stream_id, source, worker_id
+        self._renew = renew or store.renew
         self.lost: str | None = None  # "worker_lost" or "stopped", once the lease cancelled the job
         self._job = asyncio.current_task()
         self._task: asyncio.Task[None] | None = None
@@ -96,7 +102,7 @@ class Lease:
         while True:
             await asyncio.sleep(every)
             try:
-                r = await self.store.renew(self.stream_id, self.source, self.worker_id)
+                r = await self._renew(self.stream_id, self.source, self.worker_id)
             except REDIS_ERRORS as e:
                 if not failing:
                     log.warning("lease renewal failed; retrying", extra={"stream": self.stream_id, "source": self.source, "error": str(e)})

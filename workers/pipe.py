@@ -19,12 +19,14 @@ import asyncio
 import logging
 
 from shared.background import cancel_and_wait
+from shared.keys import Source
 from shared.store import Store
 from workers.appender import Appender
 from workers.lease import redis_retry
 
 log = logging.getLogger("tandem.worker")
 Call = tuple[Appender, list[str], int]
+Renewal = tuple[str, Source, str, "asyncio.Future[int]"]  # stream id, source, worker, its result
 
 
 class AppendPipe:
@@ -33,6 +35,7 @@ class AppendPipe:
         self._store = store
         self._window = window_s
         self._ready: dict[Appender, None] = {}  # an ordered set: first come, first written
+        self._renewals: list[Renewal] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -49,30 +52,55 @@ class AppendPipe:
         self._ready[appender] = None
         self._wake.set()
 
+    async def renew(self, stream_id: str, source: Source, worker: str) -> int:
+        """Renew a source's lease (`Store.renew`) in the next write, with the appends."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._renewals.append((stream_id, source, worker, fut))
+        self._wake.set()
+        return await fut
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = 0.0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._ready:
-                delay = next_at - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                next_at = loop.time() + self._window
-                batch = list(self._ready)
-                self._ready.clear()
-                calls: list[Call] = [(ap, *ap.take()) for ap in batch]
-                try:
-                    results = await redis_retry(lambda calls=calls: self._write(calls), "append")  # type: ignore[misc]
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # not a connection problem: fail these sources, keep writing
-                    log.exception("append failed")
-                    results = [e] * len(calls)
-                for (ap, _, _), result in zip(calls, results, strict=True):
-                    if ap.applied(result):
-                        self._ready[ap] = None
+        renewals: list[Renewal] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._ready or self._renewals:
+                    delay = next_at - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    next_at = loop.time() + self._window
+                    batch = list(self._ready)
+                    self._ready.clear()
+                    calls: list[Call] = [(ap, *ap.take()) for ap in batch]
+                    renewals = [r for r in self._renewals if not r[3].done()]  # (a stopped lease gave up)
+                    self._renewals.clear()
+                    try:
+                        results = await redis_retry(lambda c=calls, r=renewals: self._write(c, r), "append")  # type: ignore[misc]
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:  # not a connection problem: fail these sources, keep writing
+                        log.exception("append failed")
+                        results = [e] * (len(calls) + len(renewals))
+                    for (ap, _, _), result in zip(calls, results, strict=False):
+                        if ap.applied(result):
+                            self._ready[ap] = None
+                    for (*_, fut), result in zip(renewals, results[len(calls) :], strict=True):
+                        if fut.done():
+                            continue
+                        if isinstance(result, BaseException):
+                            fut.set_exception(result)
+                        else:
+                            fut.set_result(result)
+                    renewals = []
+        finally:  # stopping: no lease waits on a write that will not happen
+            for *_, fut in (*renewals, *self._renewals):
+                fut.cancel()
 
-    async def _write(self, calls: list[Call]) -> list[int | BaseException]:
-        return list(await self._store.append_many([(ap.stream_id, ap.source, texts, expected) for ap, texts, expected in calls]))
+    async def _write(self, calls: list[Call], renewals: list[Renewal]) -> list[int | BaseException]:
+        return list(await self._store.append_many(
+            [(ap.stream_id, ap.source, texts, expected) for ap, texts, expected in calls],
+            [(sid, src, worker) for sid, src, worker, _ in renewals],
+        ))  # fmt: skip

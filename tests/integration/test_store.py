@@ -605,6 +605,19 @@ async def test_renew_and_reap(store: Store, redis: Redis) -> None:
     assert [f["code"] for _, f in rows] == ["worker_lost"]
 
 
+async def test_renewals_ride_with_appends_in_one_round_trip(store: Store, redis: Redis) -> None:
+    sid, other = await running_stream(store), await running_stream(store)  # A held by w1, B by w2
+    await redis.pexpire(store.keys.lease(sid, "a"), 100)
+    out = await store.append_many([(sid, "a", ["x"], 0)], [(sid, "a", "w1"), (other, "b", "w1")])
+    assert out == [1, 1, -1]  # the append; A's lease renewed; B of `other` is not w1's: ended
+    assert await redis.pttl(store.keys.lease(sid, "a")) > 100
+    meta = await store.meta(other)
+    assert meta is not None and meta["b_state"] == "failed" and "lost its lease" in meta["b_error"]
+    await redis.script_flush()  # and after Redis forgot both scripts
+    assert await store.append_many([(sid, "a", ["y"], 1)], [(sid, "a", "w1")]) == [1, 1]
+    assert await store.text(sid, "a") == "xy"
+
+
 async def test_append_that_finds_writes_missing_ends_the_source(store: Store) -> None:
     sid = await running_stream(store)
     assert await store.append(sid, "a", ["x", "y"], expected=0) == 2

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import cast
 
-from shared.store import AppendCall, Store
+import pytest
+
+from shared.store import AppendCall, RenewCall, Store
 from workers.pipe import AppendPipe
 
 
@@ -16,16 +18,19 @@ class RecordingStore:
 
     def __init__(self) -> None:
         self.writes: list[tuple[float, list[AppendCall]]] = []
+        self.renewed: list[list[RenewCall]] = []  # per write
         self.written: dict[tuple[str, str], list[str]] = {}
+        self.renew_result = 1
 
-    async def append_many(self, calls: Sequence[AppendCall]) -> list[int]:
+    async def append_many(self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = ()) -> list[int]:
         self.writes.append((asyncio.get_running_loop().time(), list(calls)))
+        self.renewed.append(list(renewals))
         await asyncio.sleep(0)  # a round trip: tokens added meanwhile wait for the next write
         for sid, src, texts, expected in calls:
             got = self.written.setdefault((sid, src), [])
             assert expected == len(got)  # each batch carries how many went before it
             got.extend(texts)
-        return [len(texts) for _, _, texts, _ in calls]
+        return [len(texts) for _, _, texts, _ in calls] + [self.renew_result] * len(renewals)
 
 
 async def produce(pipe: AppendPipe, sources: int, tokens: int, every_s: float) -> None:
@@ -79,3 +84,46 @@ async def test_without_a_window_tokens_added_during_a_write_go_in_the_next() -> 
         await pipe.stop()
     assert store.written == {(f"s{i}", "a"): [f"{t} " for t in range(20)] for i in range(3)}
     assert sum(len(texts) for _, calls in store.writes for _, _, texts, _ in calls) == 60
+
+
+async def test_lease_renewals_ride_along_with_the_appends() -> None:
+    store = RecordingStore()
+    pipe = AppendPipe(cast(Store, store), window_s=0.05)
+    pipe.start()
+    try:
+        ap = pipe.appender("s", "a", 256)
+        await ap.add("first ")  # written at once; the window starts
+        await asyncio.sleep(0)
+        await ap.add("second ")
+        renewed = await asyncio.gather(pipe.renew("s", "a", "w1"), pipe.renew("t", "b", "w1"))
+        await ap.close()
+        assert renewed == [1, 1]
+        # The renewals went in the same write as the token that was waiting for the window.
+        both = [i for i, (_, calls) in enumerate(store.writes) if calls and store.renewed[i]]
+        assert both and store.renewed[both[0]] == [("s", "a", "w1"), ("t", "b", "w1")]
+        assert store.writes[both[0]][1][0][2] == ["second "]
+        # A renewal alone is written too, and its result is the script's.
+        store.renew_result = -1
+        assert await asyncio.wait_for(pipe.renew("s", "a", "w1"), 10) == -1
+        # One whose lease gave up (cancelled) before the write is not written.
+        before = sum(len(r) for r in store.renewed)
+        gave_up = asyncio.ensure_future(pipe.renew("s", "b", "w1"))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        store.renew_result = 1
+        assert await asyncio.wait_for(pipe.renew("u", "a", "w1"), 10) == 1
+        assert sum(len(r) for r in store.renewed) == before + 1
+    finally:
+        await pipe.stop()
+
+
+async def test_stopping_the_pipe_releases_waiting_renewals() -> None:
+    store = RecordingStore()
+    pipe = AppendPipe(cast(Store, store), window_s=3600.0)
+    pipe.start()
+    await asyncio.wait_for(pipe.renew("s", "a", "w1"), 10)  # the first write starts the window
+    waiting = asyncio.ensure_future(pipe.renew("s", "a", "w1"))  # held by the window
+    await asyncio.sleep(0.01)
+    await pipe.stop()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 10)
