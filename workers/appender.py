@@ -47,6 +47,8 @@ class Appender:
             return False
         self._buf.append(text)
         self._idle.clear()
+        if len(self._buf) == self._max_batch:
+            self._pipe.hurry()
         if not self._queued and not self._inflight:
             self._queued = True
             self._pipe.want(self)
@@ -68,6 +70,8 @@ class Appender:
         """The next batch, and how many deltas were appended before it."""
         batch, self._buf = self._buf[: self._max_batch], self._buf[self._max_batch :]
         self._queued, self._inflight = False, True
+        if len(self._buf) >= self._max_batch:
+            self._pipe.hurry()
         return batch, self.appended
 
     def applied(self, n: int | BaseException) -> bool:

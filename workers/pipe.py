@@ -6,11 +6,12 @@ task writes, and whatever all sources buffered while the previous write was in f
 together in the next (one EVALSHA per source, pipelined, not a transaction: each script is atomic
 on its own stream's keys, so the batch stays legal on Redis Cluster; Store.append_many).
 
-Writes start at most once per TANDEM_APPEND_WINDOW_MS (2 ms). Without the window, a moderately
-loaded worker wrote each token on its own as it came, and every process down the line (Redis,
-the API's hub, the client) woke once per token: at 500 paced streams the whole machine spent
-~10% more CPU and token latency doubled. The first write after a quiet spell goes out at once;
-the window only spaces the writes that follow, so it adds at most that much to a token's latency.
+Writes start at most once per TANDEM_APPEND_WINDOW_MS (2 ms), unless a source has a whole batch
+buffered (`hurry`). Without the window, a moderately loaded worker wrote each token on its own as
+it came, and every process down the line (Redis, the API's hub, the client) woke once per token:
+at 500 paced streams the whole machine spent ~10% more CPU and token latency doubled. The first
+write after a quiet spell goes out at once; the window only spaces the writes that follow, so it
+adds at most that much to a token's latency.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class AppendPipe:
         self._window = window_s
         self._ready: dict[Appender, None] = {}  # an ordered set: first come, first written
         self._renewals: list[Renewal] = []
+        self._full = False  # some source has a whole batch buffered: the window does not hold it
+        self._hurry: asyncio.Future[None] | None = None  # resolves a window's wait early
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -51,6 +54,15 @@ class AppendPipe:
     def want(self, appender: Appender) -> None:
         self._ready[appender] = None
         self._wake.set()
+
+    def hurry(self) -> None:
+        """An appender has a whole batch (TANDEM_APPEND_MAX_BATCH) buffered: write without waiting
+        for the window (it is there to gather small writes; a source producing flat out, like an
+        unpaced stream or a backlog, would otherwise be capped at one batch per window)."""
+        self._full = True
+        fut = self._hurry
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def renew(self, stream_id: str, source: Source, worker: str) -> int:
         """Renew a source's lease (`Store.renew`) in the next write, with the appends."""
@@ -69,8 +81,9 @@ class AppendPipe:
                 self._wake.clear()
                 while self._ready or self._renewals:
                     delay = next_at - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                    if delay > 0 and not self._full:
+                        await self._wait(delay)
+                    self._full = False  # (a take below sets it again for a source with more than a batch)
                     next_at = loop.time() + self._window
                     batch = list(self._ready)
                     self._ready.clear()
@@ -99,8 +112,22 @@ class AppendPipe:
             for *_, fut in (*renewals, *self._renewals):
                 fut.cancel()
 
+    async def _wait(self, delay: float) -> None:
+        fut = self._hurry = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(delay, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._hurry = None
+
     async def _write(self, calls: list[Call], renewals: list[Renewal]) -> list[int | BaseException]:
         return list(await self._store.append_many(
             [(ap.stream_id, ap.source, texts, expected) for ap, texts, expected in calls],
             [(sid, src, worker) for sid, src, worker, _ in renewals],
         ))  # fmt: skip
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -127,3 +127,18 @@ async def test_stopping_the_pipe_releases_waiting_renewals() -> None:
     await pipe.stop()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiting, 10)
+
+
+async def test_a_source_with_a_whole_batch_buffered_does_not_wait_for_the_window() -> None:
+    store = RecordingStore()
+    pipe = AppendPipe(cast(Store, store), window_s=3600.0)  # a window no test would wait out
+    pipe.start()
+    try:
+        ap = pipe.appender("s", "a", 8)
+        for i in range(32):  # flat out (no await in between): 4 whole batches of 8
+            await ap.add(f"{i} ")
+        await asyncio.wait_for(ap.close(), 10)  # would hang behind the window
+    finally:
+        await pipe.stop()
+    assert store.written == {("s", "a"): [f"{i} " for i in range(32)]}
+    assert [len(texts) for _, calls in store.writes for _, _, texts, _ in calls] == [8, 8, 8, 8]
