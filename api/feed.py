@@ -17,7 +17,7 @@ import time
 
 from api.waker import Waker
 from shared.cursor import Cursor, entry_key
-from shared.events import Announcement, Event, event_from_entry
+from shared.events import Announcement, Event
 from shared.keys import SOURCES, Source
 from shared.pacing import Pacer
 from shared.store import Store, is_terminal
@@ -136,12 +136,12 @@ class Feed:
                 room = self._batch - self.pacer.pending(src)  # the pacer never holds more than a batch
                 st.reading = True
                 try:
-                    rows = await self._store.read(self._stream_id, src, st.after, room)
+                    events = await self._store.read_events(self._stream_id, src, st.after, room)
                 finally:
                     st.reading = False
                     stash, st.stash = st.stash or (), None
-                self._take(src, [event_from_entry(src, eid, f) for eid, f in rows])
-                if len(rows) < room and not st.dirty and all(self._chain(src, ann) for ann in stash):
+                self._take(src, events)
+                if len(events) < room and not st.dirty and all(self._chain(src, ann) for ann in stash):
                     # Read to the end, and what was announced meanwhile follows on: live from here on.
                     st.behind = False
 

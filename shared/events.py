@@ -140,6 +140,26 @@ def event_from_entry(source: Source, entry_id: str, fields: Fields) -> Event:
     raise ValueError(f"unknown entry type {kind!r} in {source} entry {entry_id}")
 
 
+_DELTA = (b"type", b"delta", b"text")
+
+
+def events_from_rows(source: Source, rows: Sequence[tuple[bytes, Sequence[bytes]]]) -> list[Event]:
+    """Events from XRANGE rows as Redis sent them (entry id, flat fields; bytes): what a catch-up
+    read, a flush or a resume turns into SSE. A delta, nearly every entry, is built straight from
+    the bytes with its wire form (the same bytes `Event.sse` would make), without the fields dict
+    and the string round trips of `event_from_entry`: a 10,000-token flush is 10,000 of these."""
+    out: list[Event] = []
+    id_prefix = b"event: delta\nid: " + source.encode() + b"-"
+    for eid, flat in rows:
+        if len(flat) == 4 and (flat[0], flat[1], flat[2]) == _DELTA:
+            data = {"source": source, "text": flat[3].decode()}
+            wire = b"".join((id_prefix, eid, b"\ndata: ", orjson.dumps(data), b"\n\n"))
+            out.append(Event("delta", source, Cursor(source, eid.decode()), data, wire))
+        else:
+            out.append(event_from_entry(source, eid.decode(), {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}))
+    return out
+
+
 def end_event(status: str) -> Event:
     return Event("end", "stream", END, {"status": status})
 

@@ -27,7 +27,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.events import TERMINAL_STATES, Entry, delta_fields, error_fields, fields_dict
+from shared.events import (
+    TERMINAL_STATES,
+    Entry,
+    Event,
+    delta_fields,
+    error_fields,
+    event_from_entry,
+    events_from_rows,
+    fields_dict,
+)
 from shared.keys import SOURCES, Keys, Source
 from shared.mux import Mux
 from shared.settings import Settings
@@ -385,6 +394,15 @@ class Store:
     async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[Entry]:
         """Entries strictly after entry id `after` (exclusive range), oldest first."""
         return await self._xrange(stream_id, source, f"({after}" if after != "0-0" else "-", "+", count)
+
+    async def read_events(self, stream_id: str, source: Source, after: str, count: int) -> list[Event]:
+        """`read`, as events (`events_from_rows`: the API's catch-up path)."""
+        if self.mux is None:
+            return [event_from_entry(source, eid, f) for eid, f in await self.read(stream_id, source, after, count)]
+        rows = await self.mux.execute("XRANGE", self.keys.events(stream_id, source), f"({after}" if after != "0-0" else "-", "+", "COUNT", count)
+        if rows and not isinstance(rows[0][0], bytes):  # a connection that decodes replies
+            return [event_from_entry(source, eid, fields_dict(flat)) for eid, flat in rows]
+        return events_from_rows(source, rows)
 
     async def has_entry(self, stream_id: str, source: Source, entry_id: str) -> bool:
         return bool(await self._xrange(stream_id, source, entry_id, entry_id, 1))

@@ -19,6 +19,7 @@ from shared.events import (
     end_event,
     error_fields,
     event_from_entry,
+    events_from_rows,
     fields_dict,
     final_status,
     parse_announcement,
@@ -303,3 +304,27 @@ def test_parse_announcement_malformed_raises_value_error(payload: bytes) -> None
     """The hub ignores a payload that raises ValueError; anything else would drop its connection."""
     with pytest.raises(ValueError):
         parse_announcement(payload)
+
+
+def _rows(entries: list[tuple[str, list[str]]]) -> list[tuple[bytes, list[bytes]]]:
+    return [(eid.encode(), [f.encode() for f in flat]) for eid, flat in entries]
+
+
+@given(st.text(), st.sampled_from(["a", "b"]))
+def test_events_from_rows_match_event_from_entry_byte_for_byte(text: str, source: str) -> None:
+    entries = [
+        ("5-0", delta_fields(text)),
+        ("5-1", delta_fields("")),
+        ("6-0", done_fields(2, {"finish_reason": "stop"})),
+        ("7-0", error_fields("worker_lost", f"lost {text}")),
+        ("8-0", ["text", text, "type", "delta"]),  # not in the usual order: the general path
+    ]
+    got = events_from_rows(source, _rows(entries))  # type: ignore[arg-type]
+    want = [event_from_entry(source, eid, fields_dict(flat)) for eid, flat in entries]  # type: ignore[arg-type]
+    assert got == want
+    assert [e.sse() for e in got] == [sse_message(e.kind, e.data, str(e.cursor)) for e in want]
+
+
+def test_events_from_rows_refuses_an_unknown_entry_type() -> None:
+    with pytest.raises(ValueError, match="unknown entry type"):
+        events_from_rows("a", _rows([("1-0", ["type", "mystery"])]))
