@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import time
 
-from api.waker import Waker
 from shared.cursor import Cursor, entry_key
 from shared.events import Announcement, Event
 from shared.keys import SOURCES, Source
 from shared.pacing import Pacer
 from shared.store import Store, is_terminal
+from shared.waker import Waker
 
 STASH_MAX = 64  # announcements kept per source during one catch-up read
 

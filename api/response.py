@@ -19,8 +19,8 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.waker import Waker
 from shared.background import cancel_and_wait
+from shared.waker import Waker
 
 log = logging.getLogger("tandem.api")
 

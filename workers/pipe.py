@@ -22,6 +22,7 @@ import logging
 from shared.background import cancel_and_wait
 from shared.keys import Source
 from shared.store import Store
+from shared.waker import Waker
 from workers.appender import Appender
 from workers.lease import redis_retry
 
@@ -37,8 +38,7 @@ class AppendPipe:
         self._window = window_s
         self._ready: dict[Appender, None] = {}  # an ordered set: first come, first written
         self._renewals: list[Renewal] = []
-        self._full = False  # some source has a whole batch buffered: the window does not hold it
-        self._hurry: asyncio.Future[None] | None = None  # resolves a window's wait early
+        self._hurry = Waker()  # set: some source has a whole batch buffered; the window does not hold it
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -59,10 +59,7 @@ class AppendPipe:
         """An appender has a whole batch (TANDEM_APPEND_MAX_BATCH) buffered: write without waiting
         for the window (it is there to gather small writes; a source producing flat out, like an
         unpaced stream or a backlog, would otherwise be capped at one batch per window)."""
-        self._full = True
-        fut = self._hurry
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        self._hurry.set()
 
     async def renew(self, stream_id: str, source: Source, worker: str) -> int:
         """Renew a source's lease (`Store.renew`) in the next write, with the appends."""
@@ -81,9 +78,9 @@ class AppendPipe:
                 self._wake.clear()
                 while self._ready or self._renewals:
                     delay = next_at - loop.time()
-                    if delay > 0 and not self._full:
-                        await self._wait(delay)
-                    self._full = False  # (a take below sets it again for a source with more than a batch)
+                    if delay > 0:
+                        await self._hurry.wait(loop.time() + delay)
+                    self._hurry.clear()  # (a take below sets it again for a source with more than a batch)
                     next_at = loop.time() + self._window
                     batch = list(self._ready)
                     self._ready.clear()
@@ -97,7 +94,7 @@ class AppendPipe:
                     except Exception as e:  # not a connection problem: fail these sources, keep writing
                         log.exception("append failed")
                         results = [e] * (len(calls) + len(renewals))
-                    for (ap, _, _), result in zip(calls, results, strict=False):
+                    for (ap, _, _), result in zip(calls, results[: len(calls)], strict=True):
                         if ap.applied(result):
                             self._ready[ap] = None
                     for (*_, fut), result in zip(renewals, results[len(calls) :], strict=True):
@@ -112,22 +109,8 @@ class AppendPipe:
             for *_, fut in (*renewals, *self._renewals):
                 fut.cancel()
 
-    async def _wait(self, delay: float) -> None:
-        fut = self._hurry = asyncio.get_running_loop().create_future()
-        timer = asyncio.get_running_loop().call_later(delay, _resolve, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            self._hurry = None
-
     async def _write(self, calls: list[Call], renewals: list[Renewal]) -> list[int | BaseException]:
         return list(await self._store.append_many(
             [(ap.stream_id, ap.source, texts, expected) for ap, texts, expected in calls],
             [(sid, src, worker) for sid, src, worker, _ in renewals],
         ))  # fmt: skip
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

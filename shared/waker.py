@@ -1,4 +1,6 @@
-"""A wake-up flag a task can await with a deadline, without a task or a timer per wait."""
+"""A wake-up flag a task can await, with an optional deadline (a timer only when there is one), no
+task per wait: an SSE connection waits on one for its next event, the worker's append pipe for the
+end of its write window."""
 
 from __future__ import annotations
 
