@@ -60,8 +60,7 @@ async def event_stream(
 
     try:
         yield sse_retry(retry_ms) + sse_message("meta", meta_doc)
-        sent_at = loop.time()
-        live.ping_due = sent_at + ping_s
+        live.ping_due = loop.time() + ping_s
         while True:
             if live.closed:
                 return  # the client left, or resumes on another replica
@@ -82,11 +81,9 @@ async def event_stream(
                 if on_events is not None:
                     on_events(items, now)  # type: ignore[arg-type]
                 yield b"".join([item.sse() for item in items])
-                sent_at = now
                 live.ping_due = now + ping_s
-            elif now - sent_at >= ping_s:
+            elif now >= live.ping_due:
                 yield PING
-                sent_at = now
                 live.ping_due = now + ping_s
             if pacer.finished:
                 return
