@@ -307,7 +307,7 @@ class Store:
         self._renew = redis.register_script(_RENEW)
         self._reap = redis.register_script(_REAP)
         self.lease_ttl_ms = max(1, int(settings.lease_s * LEASE_TTL_FRACTION * 1000))
-        self._append_parts: dict[tuple[str, Source], tuple[bytes, bytes]] = {}  # _packed_append
+        self._append_parts: dict[tuple[str, Source], tuple[int, bytes, bytes]] = {}  # _packed_append
 
     # -- create --------------------------------------------------------------------------------
 
@@ -393,13 +393,13 @@ class Store:
 
     async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[Entry]:
         """Entries strictly after entry id `after` (exclusive range), oldest first."""
-        return await self._xrange(stream_id, source, f"({after}" if after != "0-0" else "-", "+", count)
+        return await self._xrange(stream_id, source, _after(after), "+", count)
 
     async def read_events(self, stream_id: str, source: Source, after: str, count: int) -> list[Event]:
         """`read`, as events (`events_from_rows`: the API's catch-up path)."""
         if self.mux is None:
             return [event_from_entry(source, eid, f) for eid, f in await self.read(stream_id, source, after, count)]
-        rows = await self.mux.execute("XRANGE", self.keys.events(stream_id, source), f"({after}" if after != "0-0" else "-", "+", "COUNT", count)
+        rows = await self.mux.execute("XRANGE", self.keys.events(stream_id, source), _after(after), "+", "COUNT", count)
         if rows and not isinstance(rows[0][0], bytes):  # a connection that decodes replies
             return [event_from_entry(source, eid, fields_dict(flat)) for eid, flat in rows]
         return events_from_rows(source, rows)
@@ -502,11 +502,13 @@ class Store:
         if parts is None:
             if len(self._append_parts) >= APPEND_PARTS_CACHED:
                 self._append_parts.clear()  # running sources re-pack theirs at their next append
-            head = _bulks(("EVALSHA", self._append.sha, 6, *self._append_keys(stream_id), self.keys.channel(stream_id),
-                           self.settings.retention_s * 1000))  # fmt: skip
-            parts = self._append_parts[(stream_id, source)] = (head, _bulks((stream_id, source, self.settings.max_source_events)))
-        head, tail = parts
-        return b"".join((b"*%d\r\n" % (16 + len(texts)), head, _bulks((now,)), tail, _bulks((-1 if expected is None else expected, *texts))))
+            head: tuple[str | int, ...] = ("EVALSHA", self._append.sha, 6, *self._append_keys(stream_id), self.keys.channel(stream_id),
+                    self.settings.retention_s * 1000)  # fmt: skip
+            tail = (stream_id, source, self.settings.max_source_events)
+            fixed = len(head) + 1 + len(tail) + 1  # with the time and `expected` (see _append_args)
+            parts = self._append_parts[(stream_id, source)] = (fixed, _bulks(head), _bulks(tail))
+        fixed, head_b, tail_b = parts
+        return b"".join((b"*%d\r\n" % (fixed + len(texts)), head_b, _bulks((now,)), tail_b, _bulks((-1 if expected is None else expected, *texts))))
 
     async def _pipelined(self, payload: bytes, n: int) -> list[Any]:
         pool = self.redis.connection_pool
@@ -620,6 +622,11 @@ class Store:
         return [k.events(stream_id, "a"), k.events(stream_id, "b"), k.lease(stream_id, "a"), k.lease(stream_id, "b")]
 
 
+def _after(entry_id: str) -> str:
+    """XRANGE's start for "strictly after `entry_id`" ("0-0": from the first entry)."""
+    return f"({entry_id}" if entry_id != "0-0" else "-"
+
+
 def _bulks(args: Sequence[str | int]) -> bytes:
     """`args` as RESP bulk strings, without the array header `pack_command` starts with."""
     packed: bytes = pack_command(cast(Any, tuple(args)))
@@ -629,8 +636,8 @@ def _bulks(args: Sequence[str | int]) -> bytes:
 async def _read_replies(conn: AbstractConnection, n: int) -> list[Any]:
     """`n` replies, a Redis error among them as that reply's value. With hiredis, straight from
     the connection's own reader under one timeout for all of them: redis-py's `read_response`
-    costs ~7 us per reply (a timeout context and three coroutine calls each), more than the
-    append's own packing, and a worker reads one reply per source per write."""
+    enters a timeout context and three coroutine calls per reply, and a worker reads one reply per
+    source per write."""
     parser = conn._parser
     reader = getattr(parser, "_reader", None)
     if not isinstance(parser, _AsyncHiredisParser) or reader is None:
