@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from itertools import pairwise
 from typing import cast
 
@@ -33,6 +34,16 @@ class RecordingStore:
         return [len(texts) for _, _, texts, _ in calls] + [self.renew_result] * len(renewals)
 
 
+@asynccontextmanager
+async def running(store: RecordingStore, window_s: float = 0.0) -> AsyncIterator[AppendPipe]:
+    pipe = AppendPipe(cast(Store, store), window_s)
+    pipe.start()
+    try:
+        yield pipe
+    finally:
+        await pipe.stop()
+
+
 async def produce(pipe: AppendPipe, sources: int, tokens: int, every_s: float) -> None:
     appenders = [pipe.appender(f"s{i}", "a", 256) for i in range(sources)]
     for t in range(tokens):
@@ -46,12 +57,8 @@ async def produce(pipe: AppendPipe, sources: int, tokens: int, every_s: float) -
 async def test_writes_start_at_most_once_per_window_and_lose_nothing() -> None:
     store = RecordingStore()
     window = 0.05
-    pipe = AppendPipe(cast(Store, store), window)
-    pipe.start()
-    try:
+    async with running(store, window) as pipe:
         await produce(pipe, sources=5, tokens=40, every_s=0.005)  # a token per source every 5 ms
-    finally:
-        await pipe.stop()
     assert store.written == {(f"s{i}", "a"): [f"{t} " for t in range(40)] for i in range(5)}
     starts = [t for t, _ in store.writes]
     gaps = [b - a for a, b in pairwise(starts)]
@@ -63,34 +70,24 @@ async def test_writes_start_at_most_once_per_window_and_lose_nothing() -> None:
 
 async def test_the_first_write_after_a_quiet_spell_goes_out_at_once() -> None:
     store = RecordingStore()
-    pipe = AppendPipe(cast(Store, store), window_s=3600.0)  # a window no test would wait out
-    pipe.start()
-    try:
+    async with running(store, window_s=3600.0) as pipe:  # a window no test would wait out
         ap = pipe.appender("s", "a", 256)
         await ap.add("hello ")
         await asyncio.wait_for(ap.close(), 10)
-    finally:
-        await pipe.stop()
     assert store.written == {("s", "a"): ["hello "]}
 
 
 async def test_without_a_window_tokens_added_during_a_write_go_in_the_next() -> None:
     store = RecordingStore()
-    pipe = AppendPipe(cast(Store, store))
-    pipe.start()
-    try:
+    async with running(store) as pipe:
         await produce(pipe, sources=3, tokens=20, every_s=0)
-    finally:
-        await pipe.stop()
     assert store.written == {(f"s{i}", "a"): [f"{t} " for t in range(20)] for i in range(3)}
     assert sum(len(texts) for _, calls in store.writes for _, _, texts, _ in calls) == 60
 
 
 async def test_lease_renewals_ride_along_with_the_appends() -> None:
     store = RecordingStore()
-    pipe = AppendPipe(cast(Store, store), window_s=0.05)
-    pipe.start()
-    try:
+    async with running(store, window_s=0.05) as pipe:
         ap = pipe.appender("s", "a", 256)
         await ap.add("first ")  # written at once; the window starts
         await asyncio.sleep(0)
@@ -113,8 +110,6 @@ async def test_lease_renewals_ride_along_with_the_appends() -> None:
         store.renew_result = 1
         assert await asyncio.wait_for(pipe.renew("u", "a", "w1"), 10) == 1
         assert sum(len(r) for r in store.renewed) == before + 1
-    finally:
-        await pipe.stop()
 
 
 async def test_stopping_the_pipe_releases_waiting_renewals() -> None:
@@ -131,14 +126,10 @@ async def test_stopping_the_pipe_releases_waiting_renewals() -> None:
 
 async def test_a_source_with_a_whole_batch_buffered_does_not_wait_for_the_window() -> None:
     store = RecordingStore()
-    pipe = AppendPipe(cast(Store, store), window_s=3600.0)  # a window no test would wait out
-    pipe.start()
-    try:
+    async with running(store, window_s=3600.0) as pipe:  # a window no test would wait out
         ap = pipe.appender("s", "a", 8)
         for i in range(32):  # flat out (no await in between): 4 whole batches of 8
             await ap.add(f"{i} ")
         await asyncio.wait_for(ap.close(), 10)  # would hang behind the window
-    finally:
-        await pipe.stop()
     assert store.written == {("s", "a"): [f"{i} " for i in range(32)]}
     assert [len(texts) for _, calls in store.writes for _, _, texts, _ in calls] == [8, 8, 8, 8]
