@@ -14,6 +14,7 @@ B's entries are not read at all while A is still going; only B's completion is n
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from shared.cursor import Cursor, entry_key
 from shared.events import Announcement, Event
@@ -41,7 +42,7 @@ class SourceState:
 
 
 class Feed:
-    __slots__ = ("_a", "_b", "_batch", "_store", "_stream_id", "b_completed_at", "pacer", "resyncs", "waker")
+    __slots__ = ("_a", "_b", "_batch", "_store", "_stream_id", "b_completed_at", "notify", "pacer", "resyncs", "waker")
 
     def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
         """`cursor`: read strictly after it (see `start_point`)."""
@@ -50,6 +51,9 @@ class Feed:
         self._batch = batch
         self.pacer = pacer
         self.waker = Waker()
+        # Called once an announcement has been taken in: wakes the reader, unless the reader put
+        # something quicker in its place (api/sse.py sends straight from the hub's callback).
+        self.notify: Callable[[], None] = self.waker.set
         if cursor.source == "b":
             self._a, self._b = SourceState(closed=True), SourceState(cursor.entry)
         else:
@@ -76,7 +80,6 @@ class Feed:
         if src == "b" and not self.pacer.b_complete and events and events[-1].terminal:
             self.pacer.b_completed()
             self.b_completed_at = time.perf_counter()  # not loop.time(): uvloop's has 1 ms resolution
-            self.waker.set()
         if st.reading:
             if st.stash is None:
                 st.stash = []
@@ -88,7 +91,7 @@ class Feed:
             st.behind = True
         else:
             self._chain(src, ann)
-        self.waker.set()
+        self.notify()
 
     def _chain(self, src: Source, ann: Announcement) -> bool:
         """Take what `ann` adds after `after`. False, and the source is behind, when it leaves a gap

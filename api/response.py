@@ -26,9 +26,11 @@ log = logging.getLogger("tandem.api")
 
 
 class Liveness:
-    """Why a stream should stop: the client left, the process is shutting down, or sends stall."""
+    """What an open stream's response, its body and the process's watchdog share: why the stream
+    should stop (the client left, the process is shutting down, or sends stall), when it owes a
+    keepalive, and the writer its body may use between sends."""
 
-    __slots__ = ("on_stall", "ping_due", "reason", "sending_since", "waker")
+    __slots__ = ("on_stall", "ping_due", "reason", "sending_since", "waker", "writer")
 
     def __init__(self, waker: Waker) -> None:
         self.reason: str | None = None
@@ -36,6 +38,9 @@ class Liveness:
         self.sending_since = 0.0  # loop time the send in progress began; 0: none
         self.ping_due = math.inf  # loop time the stream owes its client a keepalive comment
         self.on_stall: Callable[[], None] | None = None
+        # Set by SSEResponse once the response head is out, when the server lets the body write
+        # between its own sends (None: every byte goes through `send`).
+        self.writer: ChunkWriter | None = None
 
     @property
     def closed(self) -> bool:
@@ -128,6 +133,7 @@ class SSEResponse(StreamingResponse):
         live.on_stall = stall  # a reader that accepts nothing for send_timeout_s is cut off (it can resume)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            live.writer = chunk_writer(send)
             async for chunk in self.body_iterator:
                 if live.closed:
                     break
@@ -149,6 +155,7 @@ class SSEResponse(StreamingResponse):
             if transport is not None:
                 transport.abort()
         finally:
+            live.writer = None
             watcher.cancel()
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
@@ -163,9 +170,15 @@ async def _watch_disconnect(receive: Receive, live: Liveness) -> None:
             return
 
 
-def find_transport(send: Any, depth: int = 16) -> asyncio.Transport | None:
-    """The server's transport behind an ASGI `send`: the callable chain ends in a bound method of
-    the server's request cycle (uvicorn: `RequestResponseCycle.send`), whose `transport` it is.
+def find_transport(send: Any) -> asyncio.Transport | None:
+    """The server's transport behind an ASGI `send` (see `_server_cycle`)."""
+    cycle = _server_cycle(send)
+    return None if cycle is None else cycle.transport  # type: ignore[no-any-return]
+
+
+def _server_cycle(send: Any, depth: int = 16) -> Any:
+    """The server's request cycle behind an ASGI `send`: the callable chain ends in a bound method
+    of it (uvicorn: `RequestResponseCycle.send`), and it holds the connection's `transport`.
     Middleware wraps `send` in closures; they are followed through their cells."""
     seen: set[int] = set()
     todo = [send]
@@ -177,7 +190,7 @@ def find_transport(send: Any, depth: int = 16) -> asyncio.Transport | None:
         owner = getattr(fn, "__self__", None)
         transport = getattr(owner, "transport", None)
         if transport is not None and callable(getattr(transport, "abort", None)):
-            return transport  # type: ignore[no-any-return]
+            return owner
         for cell in getattr(fn, "__closure__", None) or ():
             try:
                 value = cell.cell_contents
@@ -186,3 +199,40 @@ def find_transport(send: Any, depth: int = 16) -> asyncio.Transport | None:
             if callable(value):
                 todo.append(value)
     return None
+
+
+class ChunkWriter:
+    """Writes body chunks of a started response straight to uvicorn's transport (httptools), exactly
+    as its `send` frames them (HTTP/1.1 chunked), for the moments the body has bytes to send while
+    its task is parked (api/sse.py): a paced token then leaves in the loop turn that brought it,
+    without waking the task and passing the ASGI send chain. `ready()` is false whenever only
+    `send` may write: a client that stopped reading (flow control paused), a disconnect, an ended
+    response."""
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle, self._flow, self._transport = cycle, cycle.flow, cycle.transport
+
+    def ready(self) -> bool:
+        c = self._cycle
+        return not (self._flow.write_paused or c.disconnected or c.response_complete) and c.chunked_encoding is True
+
+    def write(self, body: bytes) -> None:
+        self._transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+
+
+# The request cycle whose framing ChunkWriter repeats; any other server (h11, hypercorn, an ASGI
+# test transport) gets no writer and every byte goes through `send`.
+_HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
+_CYCLE_FIELDS = ("flow", "disconnected", "response_started", "response_complete", "chunked_encoding")
+
+
+def chunk_writer(send: Any) -> ChunkWriter | None:
+    """A ChunkWriter for the response behind `send`, once its head is out; None if it cannot have one."""
+    cycle = _server_cycle(send)
+    if cycle is None or type(cycle).__module__ != _HTTPTOOLS_CYCLE or not all(hasattr(cycle, f) for f in _CYCLE_FIELDS):
+        return None
+    if not cycle.response_started or cycle.chunked_encoding is not True:
+        return None
+    return ChunkWriter(cycle)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -113,7 +113,39 @@ async def open_reader(
     return Reader(feed, pacer)
 
 
-async def run_reader(reader: Reader, hub: Hub, store: Store, sid: str, within: float = 20.0) -> Reader:
+class SinkWriter:
+    """Stands in for api.response.ChunkWriter: what the body writes between its own sends lands in
+    the same place as what it yields, in the order it happened."""
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self.take = take
+        self.paused = False  # as a server's flow control: only `send` may write
+        self.writes = 0
+
+    def ready(self) -> bool:
+        return not self.paused
+
+    def write(self, body: bytes) -> None:
+        self.writes += 1
+        self.take(body)
+
+
+# Every test here runs twice: the body's task sends everything it yields ("task"), and the hub's
+# callback also writes for a parked stream through a writer ("direct", as under uvicorn).
+SENDS = ["task"]
+
+
+@pytest.fixture(autouse=True, params=["task", "direct"])
+def sends(request: pytest.FixtureRequest) -> Iterator[str]:
+    SENDS[0] = request.param
+    yield request.param
+    SENDS[0] = "task"
+
+
+async def run_reader(
+    reader: Reader, hub: Hub, store: Store, sid: str, within: float = 20.0, writer: list[SinkWriter] | None = None
+) -> Reader:
+    """`writer`: gets the SinkWriter, in "direct" mode."""
     loop = asyncio.get_running_loop()
     channel = store.keys.channel(sid)
     live = Liveness(reader.feed.waker)
@@ -123,13 +155,22 @@ async def run_reader(reader: Reader, hub: Hub, store: Store, sid: str, within: f
     )
     buf = b""
     n = 0
+
+    def take(chunk: bytes) -> None:
+        nonlocal buf, n
+        buf += chunk
+        msgs, buf = parse_sse(buf)
+        now = loop.time()
+        reader.messages += [Message(e or "", i, orjson.loads(d), n, now) for e, i, d in msgs]
+        n += 1
+
+    if SENDS[0] == "direct":
+        live.writer = SinkWriter(take)  # type: ignore[assignment]
+        if writer is not None:
+            writer.append(live.writer)  # type: ignore[arg-type]
     async with asyncio.timeout(within), aclosing(body) as chunks:
         async for chunk in chunks:
-            buf += chunk
-            msgs, buf = parse_sse(buf)
-            now = loop.time()
-            reader.messages += [Message(e or "", i, orjson.loads(d), n, now) for e, i, d in msgs]
-            n += 1
+            take(chunk)
     assert buf == b""
     return reader
 
@@ -249,6 +290,57 @@ async def test_slow_then_flush_when_b_completes(hub: Hub, store: Store) -> None:
     assert flush.t - b_done_at < 0.1
     in_flush_chunk = [m for m in msgs if m.chunk == flush.chunk and m.event == "delta"]
     assert len(in_flush_chunk) == 60 - len(slow_deltas)
+
+
+# -- sends from the hub's callback ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sends", ["direct"], indirect=True)
+async def test_live_tokens_go_out_from_the_hubs_callback(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    await store.finish(sid, ["b"], done_fields(0))  # no pacing: every token goes as it comes
+    reader = await open_reader(hub, store, sid)
+    got: list[SinkWriter] = []
+    task = asyncio.create_task(run_reader(reader, hub, store, sid, writer=got))
+    await asyncio.sleep(0.05)  # the reader is parked, waiting for A
+    for i in range(40):
+        assert await store.append(sid, "a", [f"t{i} "]) == 1
+        await asyncio.sleep(0.002)
+    await store.finish(sid, ["a"], done_fields(40))
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert_shape(reader)
+    # Tokens that came one at a time to a parked stream went out from the callback that brought them.
+    assert got[0].writes >= 30
+
+
+@pytest.mark.parametrize("sends", ["direct"], indirect=True)
+async def test_a_connection_that_cannot_take_bytes_goes_back_to_send(hub: Hub, store: Store) -> None:
+    sid = await running_stream(store)
+    await store.finish(sid, ["b"], done_fields(0))
+    reader = await open_reader(hub, store, sid)
+    got: list[SinkWriter] = []
+    task = asyncio.create_task(run_reader(reader, hub, store, sid, writer=got))
+    await asyncio.sleep(0.05)
+
+    async def tokens(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            assert await store.append(sid, "a", [f"t{i} "]) == 1
+            await asyncio.sleep(0.002)
+
+    await tokens(0, 20)
+    writer = got[0]
+    writer.paused = True
+    before = writer.writes
+    await tokens(20, 40)
+    assert writer.writes == before  # paused: every token went through the task's sends
+    writer.paused = False
+    await tokens(40, 60)
+    await store.finish(sid, ["a"], done_fields(60))
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert writer.writes > before
+    assert_shape(reader)
 
 
 # -- resume ------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""api/response.py's ChunkWriter under a real uvicorn server (in this test's loop, on a free port).
+
+The writer repeats uvicorn's HTTP/1.1 chunk framing on its transport, so these tests read the raw
+bytes off the socket: what the writer and `send` wrote, interleaved, must be one well-formed
+chunked body. And it must step aside whenever only `send` may write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import uvicorn
+
+from api.response import ChunkWriter, chunk_writer
+from shared.redis_server import free_port
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+HEAD = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+
+
+@asynccontextmanager
+async def serving(app: App, http: str = "httptools") -> AsyncIterator[int]:
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:  # noqa: ASYNC110 (uvicorn has a flag, no event)
+                await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+def wrapped(app: App) -> App:
+    """A middleware that wraps `send` in a closure, as Starlette's do."""
+
+    async def outer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def send_on(message: Any) -> None:
+            await send(message)
+
+        await app(scope, receive, send_on)
+
+    return outer
+
+
+async def get(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /events HTTP/1.1\r\nHost: test\r\n\r\n")
+    await writer.drain()
+    return reader, writer
+
+
+async def test_writes_interleave_with_send_as_one_chunked_body() -> None:
+    writers: list[ChunkWriter | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(HEAD)
+        w = chunk_writer(send)
+        writers.append(w)
+        assert w is not None and w.ready()
+        w.write(b"data: one\n\n")
+        await send({"type": "http.response.body", "body": b"data: two\n\n", "more_body": True})
+        w.write(b"id: a/1-0\ndata: \xc3\xa9\n\n")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        assert not w.ready()  # the response ended: nothing more may be written
+
+    async with serving(wrapped(app)) as port:
+        reader, writer = await get(port)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readuntil(b"0\r\n\r\n")
+        writer.close()
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"b\r\ndata: one\n\n\r\nb\r\ndata: two\n\n\r\n14\r\nid: a/1-0\ndata: \xc3\xa9\n\n\r\n0\r\n\r\n"
+    assert writers and writers[0] is not None
+
+
+async def test_no_writer_where_the_framing_is_not_uvicorns_httptools() -> None:
+    writers: list[ChunkWriter | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(HEAD)
+        writers.append(chunk_writer(send))
+        await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": False})
+
+    async with serving(app, http="h11") as port:
+        reader, writer = await get(port)
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"0\r\n\r\n")
+        writer.close()
+    assert writers == [None]
+
+    async def before_head(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        writers.append(chunk_writer(send))  # no head out yet: the framing is not known
+        await send(HEAD)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async with serving(before_head) as port:
+        reader, writer = await get(port)
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"0\r\n\r\n")
+        writer.close()
+    assert writers == [None, None]
+
+
+@pytest.mark.parametrize("client", ["stops_reading", "leaves"])
+async def test_not_ready_when_the_client_stops_reading_or_leaves(client: str) -> None:
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    chunk = b"data: " + b"x" * 16_000 + b"\n\n"
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(HEAD)
+        w = chunk_writer(send)
+        assert w is not None
+        written = 0
+        async with asyncio.timeout(10):
+            while w.ready() and written < 256 << 20:
+                w.write(chunk)
+                written += len(chunk)
+                await asyncio.sleep(0)
+        done.set_result(written)
+
+    async with serving(app) as port:
+        reader, writer = await get(port)
+        if client == "leaves":
+            await reader.readuntil(b"\r\n\r\n")
+            writer.transport.abort()
+        async with asyncio.timeout(10):
+            written = await done
+        writer.close()
+    # Flow control paused the transport (or the disconnect was seen) long before 256 MB.
+    assert written < 64 << 20
