@@ -55,6 +55,7 @@ class Hub:
         self._conn: AbstractConnection | None = None  # the pub/sub connection, while up
         self._parser: Any = None  # its hiredis.Reader
         self._listeners: dict[str, set[Listener]] = {}
+        self._held: dict[str, int] = {}  # channels subscribed ahead of their listener (`hold`)
         self._subscribed: set[str] = set()  # SUBSCRIBE sent on the current connection
         self._confirmed: set[str] = set()  # and confirmed by Redis
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
@@ -80,18 +81,8 @@ class Hub:
         announced after this returns can be missed. Raises ConnectionError when Redis is down."""
         self._listeners.setdefault(channel, set()).add(listener)
         self.listeners += 1
-        self._to_unsubscribe.discard(channel)
         try:
-            if channel in self._confirmed:
-                return
-            if not self.connected.is_set() or self._conn is None:
-                raise RedisConnectionError("the hub is not connected to Redis")
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(channel, []).append(fut)
-            if channel not in self._subscribed:
-                self._subscribed.add(channel)
-                self._send_subscribe([channel])
-            await asyncio.wait_for(fut, self._confirm_timeout)
+            await self._confirm(channel)
         except BaseException:
             self.unsubscribe(channel, listener)
             raise
@@ -104,6 +95,44 @@ class Hub:
         self.listeners -= 1
         if not group:
             del self._listeners[channel]
+            self._unsubscribe_later(channel)
+
+    async def hold(self, channel: str) -> None:
+        """Subscribe to `channel` with no listener yet, until `release`: a connection starts its
+        subscription while it still checks the request (one Redis round trip fewer before its
+        first event), and its reader subscribes later without waiting. Held channels are not
+        readers (`listeners`, `tandem ls`). Raises ConnectionError when Redis is down."""
+        self._held[channel] = self._held.get(channel, 0) + 1
+        try:
+            await self._confirm(channel)
+        except BaseException:
+            self.release(channel)
+            raise
+
+    def release(self, channel: str) -> None:
+        n = self._held.get(channel, 0) - 1
+        if n > 0:
+            self._held[channel] = n
+            return
+        self._held.pop(channel, None)
+        if channel not in self._listeners:
+            self._unsubscribe_later(channel)
+
+    async def _confirm(self, channel: str) -> None:
+        self._to_unsubscribe.discard(channel)
+        if channel in self._confirmed:
+            return
+        if not self.connected.is_set() or self._conn is None:
+            raise RedisConnectionError("the hub is not connected to Redis")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(channel, []).append(fut)
+        if channel not in self._subscribed:
+            self._subscribed.add(channel)
+            self._send_subscribe([channel])
+        await asyncio.wait_for(fut, self._confirm_timeout)
+
+    def _unsubscribe_later(self, channel: str) -> None:
+        if channel not in self._listeners and channel not in self._held:
             self._to_unsubscribe.add(channel)  # the hub's loop sends it; no task per stream
 
     # -- the loop ------------------------------------------------------------------------------
@@ -175,7 +204,7 @@ class Hub:
         reader = conn._reader  # type: ignore[union-attr]
         if reader is not None and hasattr(reader, "_limit"):
             reader._limit = READ_BUFFER_BYTES
-        channels = list(self._listeners)
+        channels = list(self._listeners.keys() | self._held.keys())
         self._conn, self._parser = conn, hiredis.Reader(replyError=ResponseError)
         self._last_rx, self._pinged = asyncio.get_running_loop().time(), False
         self._subscribed = {self._control, *channels}
@@ -210,7 +239,7 @@ class Hub:
     def _flush_unsubscribes(self) -> None:
         if not self._to_unsubscribe or self._conn is None:
             return
-        gone = [c for c in self._to_unsubscribe if c not in self._listeners and c in self._subscribed]
+        gone = [c for c in self._to_unsubscribe if c not in self._listeners and c not in self._held and c in self._subscribed]
         self._to_unsubscribe.clear()
         if gone:
             self._subscribed.difference_update(gone)

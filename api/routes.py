@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import orjson
@@ -194,38 +195,50 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
             parsed = Cursor.parse(raw)  # type: ignore[arg-type]
         except CursorError as e:
             parsed = e
-    found: bool | BaseException | None = None
-    if isinstance(parsed, Cursor) and parsed.source != "end" and _ID.fullmatch(stream_id):
-        # A resume's check reads the stream before the token is checked; its answer is looked at after.
-        got, found = await asyncio.gather(
-            _authorized_meta(state, stream_id, token, authorization),
-            store.has_entry(stream_id, parsed.source, parsed.entry),  # type: ignore[arg-type]
-            return_exceptions=True,
-        )
-        if isinstance(got, BaseException):
-            raise got
-        meta = got
-    else:
-        meta = await _authorized_meta(state, stream_id, token, authorization)
-    cursor = START
-    if given:
-        if isinstance(parsed, CursorError):
-            raise ApiError(400, "bad_last_event_id", str(parsed)) from None
-        assert parsed is not None
-        cursor = parsed
-        _check_cursor(meta, cursor, found)
-        state.metrics.resumes.inc()
-        if cursor.source == "end":
-            return Response(status_code=204)
     if state.hub.listeners >= s.max_streams_per_process:
         raise ApiError(429, "too_many_streams", "this API process serves its maximum of open streams; retry", headers={"Retry-After": "1"})
-
-    pacing = orjson.loads(meta.get("pacing", "{}"))
-    cursor, a_state, b_state = start_point(cursor, meta)  # a resume at a terminal entry is past it
-    pacer = Pacer(pacing.get("slow_interval_ms", 0) / 1000, pacing.get("b_interval_ms", 0) / 1000, a_state=a_state, b_state=b_state)
-    feed = Feed(store, stream_id, cursor, pacer, s.read_batch)
+    hub = state.hub
     channel = store.keys.channel(stream_id)
-    await state.hub.subscribe(channel, feed)
+    plausible = _ID.fullmatch(stream_id) is not None and bool(token or _bearer(authorization))
+    resume = isinstance(parsed, Cursor) and parsed.source != "end" and plausible
+    # The stream's channel is subscribed while the request is checked (the subscription must be
+    # confirmed before the first catch-up read, and that confirmation is a round trip of its own);
+    # a request that fails its checks releases it.
+    hold = plausible and not isinstance(parsed, CursorError) and not (isinstance(parsed, Cursor) and parsed.source == "end")
+    checks: list[Awaitable[Any]] = [_authorized_meta(state, stream_id, token, authorization)]
+    if resume:  # a resume's check reads the stream before the token is checked; looked at after it
+        checks.append(store.has_entry(stream_id, parsed.source, parsed.entry))  # type: ignore[union-attr,arg-type]
+    if hold:
+        checks.append(hub.hold(channel))
+    answers = await asyncio.gather(*checks, return_exceptions=True)
+    held = hold and not isinstance(answers[-1], BaseException)
+    try:
+        got = answers[0]
+        if isinstance(got, BaseException):
+            raise got
+        meta: dict[str, str] = got
+        found: bool | BaseException | None = answers[1] if resume else None
+        cursor = START
+        if given:
+            if isinstance(parsed, CursorError):
+                raise ApiError(400, "bad_last_event_id", str(parsed)) from None
+            assert parsed is not None
+            cursor = parsed
+            _check_cursor(meta, cursor, found)
+            state.metrics.resumes.inc()
+            if cursor.source == "end":
+                return Response(status_code=204)
+        if hold and not held:
+            raise answers[-1]  # Redis is down: the subscription failed
+
+        pacing = orjson.loads(meta.get("pacing", "{}"))
+        cursor, a_state, b_state = start_point(cursor, meta)  # a resume at a terminal entry is past it
+        pacer = Pacer(pacing.get("slow_interval_ms", 0) / 1000, pacing.get("b_interval_ms", 0) / 1000, a_state=a_state, b_state=b_state)
+        feed = Feed(store, stream_id, cursor, pacer, s.read_batch)
+        await hub.subscribe(channel, feed)  # held: confirmed already, no round trip
+    finally:
+        if held:
+            hub.release(channel)
     try:
         # B may have completed between the first read of the meta and the subscription; the first
         # catch-up read goes out with that check.
@@ -233,7 +246,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
         if is_terminal(b_now):
             pacer.b_completed()
     except BaseException:
-        state.hub.unsubscribe(channel, feed)
+        hub.unsubscribe(channel, feed)
         raise
 
     meta_doc = {

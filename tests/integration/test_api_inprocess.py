@@ -139,3 +139,31 @@ async def test_keepalive_ping_while_nothing_happens(settings: Settings, store: S
     assert status == 200
     assert raw.count(b": ping\n\n") >= 3
     assert [e[0] for e in events if e[1] is not None] == ["delta", "done", "delta", "done", "end"]
+
+
+async def test_refused_connections_leave_no_subscription(settings: Settings, store: Store) -> None:
+    """A connection subscribes to its stream's channel while its request is checked (api/hub.py
+    `hold`); one that is refused gives it back."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        hub = app.state.tandem.hub
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tandem.test") as c:
+            doc = await create(c)
+            assert await store.start(doc["id"], "a", "test") == "queued"
+            await store.append(doc["id"], "a", ["x"])
+            url = f"/v1/streams/{doc['id']}/events"
+            channel = store.keys.channel(doc["id"])
+            refused = [
+                await c.get(url, params={"token": "not-the-token"}),
+                await c.get(url, params={"token": doc["token"]}, headers={"Last-Event-ID": "a/99999999999999-0"}),
+                await c.get(url, params={"token": doc["token"]}, headers={"Last-Event-ID": "end"}),
+                await c.get("/v1/streams/no-such-stream/events", params={"token": doc["token"]}),
+            ]
+            assert [r.status_code for r in refused] == [403, 400, 400, 404]
+            assert hub._held == {} and hub.listeners == 0
+            for _ in range(200):  # the hub's loop sends the UNSUBSCRIBE when it next wakes
+                ((_, n),) = await store.redis.pubsub_numsub(channel)
+                if n == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert n == 0

@@ -121,6 +121,46 @@ async def test_resubscribe_while_unsubscribe_pending(hub: Hub, store: Store) -> 
     await eventually(lambda: r2.texts() == ["still here"])
 
 
+async def test_hold_subscribes_ahead_of_the_listener(hub: Hub, store: Store, redis: Redis) -> None:
+    """A connection holds its channel while it checks the request; its reader then subscribes
+    without waiting for Redis, and is not counted as a reader before that."""
+    sid = await running_stream(store)
+    channel = store.keys.channel(sid)
+    await hub.hold(channel)
+    assert await numsub(redis, channel) == 1
+    assert hub.listeners == 0 and channel not in hub._listeners
+    await hub.hold(channel)  # a second connection to the same stream
+    rec = Recorder()
+    subscribed = asyncio.ensure_future(hub.subscribe(channel, rec))
+    await asyncio.sleep(0)
+    assert subscribed.done()  # confirmed already: no round trip
+    hub.release(channel)
+    hub.release(channel)
+    await store.append(sid, "a", ["x"])
+    await eventually(lambda: rec.texts() == ["x"])
+    # The listener keeps the channel after every hold is released; the last one out unsubscribes.
+    await asyncio.sleep(1.2)  # the hub's loop flushes unsubscribes when it wakes
+    assert await numsub(redis, channel) == 1
+    hub.unsubscribe(channel, rec)
+    await numsub_becomes(redis, channel, 0)
+
+
+async def test_a_released_hold_with_no_listener_unsubscribes(hub: Hub, store: Store, redis: Redis) -> None:
+    sid = await running_stream(store)
+    channel = store.keys.channel(sid)
+    await hub.hold(channel)
+    hub.release(channel)
+    await numsub_becomes(redis, channel, 0)
+    # A held channel is subscribed again after the hub reconnects.
+    await hub.hold(channel)
+    before = hub.reconnects
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+    await eventually(lambda: hub.reconnects > before, what="no reconnect after the kill")
+    await numsub_becomes(redis, channel, 1)
+    hub.release(channel)
+    await numsub_becomes(redis, channel, 0)
+
+
 async def test_malformed_announcement_is_skipped(hub: Hub, store: Store, redis: Redis) -> None:
     """Regression: an announcement whose field list has an odd length raised IndexError in
     parse_announcement, which the hub did not catch as malformed: it dropped its connection and
@@ -170,6 +210,9 @@ async def test_subscribe_when_redis_is_down(prefix: str) -> None:
         with pytest.raises(RedisConnectionError):
             await h.subscribe("some:channel", Recorder())
         assert h.listeners == 0  # a failed subscribe leaves nothing behind
+        with pytest.raises(RedisConnectionError):
+            await h.hold("some:channel")
+        assert h._held == {}
     finally:
         await h.stop()
 
