@@ -261,13 +261,33 @@ class Bench:
 
     def settle(self, target: Target, limit_s: float = 10.0) -> None:
         """Wait until each of the target's processes is quiet (< 5% of a core over 0.4 s, give or
-        take a tick): the workers and Redis may still be winding down the previous run."""
+        take a tick): the workers and Redis may still be winding down the previous run. tandem's
+        runs start with an empty Redis (`fresh_redis`)."""
+        if target.name == "tandem" and self.redis_client is not None:
+            self.fresh_redis()
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             c0 = {k: cpu_seconds(p) for k, p in target.pids.items()}
             time.sleep(0.4)
             if all(cpu_seconds(p) - c0[k] <= 0.4 * 0.05 + 0.01 for k, p in target.pids.items()):
                 return
+
+    def fresh_redis(self, limit_s: float = 60.0) -> None:
+        """Empty Redis and rewrite its append-only file, before each of tandem's runs. What earlier
+        runs left (millions of entries after the throughput runs) otherwise makes Redis fork AOF
+        rewrites of tens of MB during the next run, children that take a core for half a second
+        each on the same two cores: three of them overlapped one paced run, and its token p99 was
+        ~60 ms instead of ~10. (In production Redis has cores of its own.) Each run then measures
+        what it runs, in any order."""
+        assert self.redis_client is not None
+        self.redis_client.flushall()
+        self.redis_client.bgrewriteaof()  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            info: dict[str, Any] = self.redis_client.info("persistence")  # type: ignore[assignment]
+            if not int(info.get("aof_rewrite_in_progress", 0)) and not int(info.get("aof_rewrite_scheduled", 0)):
+                return
+            time.sleep(0.05)
 
     def api_redis_conns(self) -> int:
         """Redis connections held by the API process: CLIENT LIST entries from the API's local ports."""
