@@ -72,17 +72,21 @@ async def event_stream(
             feed.waker.set()
             return
         now = loop.time()
-        items, wake_at = pacer.poll(now, MAX_EVENTS_PER_SEND)
-        if items:
-            if on_events is not None:
-                on_events(items, now)  # type: ignore[arg-type]
-            try:
+        try:
+            items, wake_at = pacer.poll(now, MAX_EVENTS_PER_SEND)
+            if items:
+                if on_events is not None:
+                    on_events(items, now)  # type: ignore[arg-type]
                 writer.write(b"".join([item.sse() for item in items]))
-            except Exception as e:  # the transport is gone: the client resumes after what it got
-                log.debug("direct write failed", extra={"error": str(e)})
-                live.close("disconnect")
-                return
-            live.ping_due = now + ping_s
+                live.ping_due = now + ping_s
+        except Exception:
+            # This runs in the hub's loop: a failure must cost this connection only (raised, the
+            # hub would drop its Redis connection and resync every reader). What the pacer let go
+            # may not have reached the client, so the response ends; the client resumes after
+            # what it got.
+            log.warning("a send from the hub's callback failed; the response ends", exc_info=True)
+            live.close("send_failed")
+            return
         if pacer.finished or feed.needs_fill() or (wake_at is not None and (parked_until is None or wake_at < parked_until)):
             feed.waker.set()
 

@@ -343,6 +343,48 @@ async def test_a_connection_that_cannot_take_bytes_goes_back_to_send(hub: Hub, s
     assert_shape(reader)
 
 
+class BrokenPacer(CheckedPacer):
+    """Raises (a bug) from its n-th poll in the hub's loop on."""
+
+    def __init__(self, *args: Any, fail_at: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.polls, self.fail_at = 0, fail_at
+
+    def poll(self, now: float, limit: int = 1 << 30) -> tuple[list[Any], float | None]:
+        task = asyncio.current_task()
+        if task is not None and task.get_name() == "tandem-hub":
+            self.polls += 1
+            if self.polls >= self.fail_at:
+                raise RuntimeError("a bug in the pacer")
+        return super().poll(now, limit)
+
+
+@pytest.mark.parametrize("sends", ["direct"], indirect=True)
+async def test_a_failing_send_from_the_callback_ends_that_response_only(hub: Hub, store: Store) -> None:
+    bad_sid, good_sid = await running_stream(store), await running_stream(store)
+    for sid in (bad_sid, good_sid):
+        await store.finish(sid, ["b"], done_fields(0))
+    bad = await open_reader(hub, store, bad_sid)
+    bad.feed.pacer = bad.pacer = BrokenPacer(0.0, 0.0, fail_at=8)
+    bad.pacer.b_completed()
+    good = await open_reader(hub, store, good_sid)
+    reconnects = hub.reconnects
+    tasks = [asyncio.create_task(run_reader(r, hub, store, sid)) for r, sid in ((bad, bad_sid), (good, good_sid))]
+    await asyncio.sleep(0.05)
+    for i in range(30):
+        for sid in (bad_sid, good_sid):
+            assert await store.append(sid, "a", [f"t{i} "]) == 1
+        await asyncio.sleep(0.002)
+    await store.finish(good_sid, ["a"], done_fields(30))
+    await asyncio.wait_for(tasks[0], 5)  # the broken one's response ended (the client would resume)
+    await tasks[1]
+    assert bad.pacer.polls >= 8 and not any(m.event == "end" for m in bad.messages)
+    got = [m.data["text"] for m in bad.messages if m.event == "delta"]
+    assert got == [f"t{i} " for i in range(len(got))]  # what it did get is in order, no gaps
+    assert good.events() == await expected(store, good_sid)  # the other reader never noticed
+    assert hub.reconnects == reconnects and hub.connected.is_set()
+
+
 # -- resume ------------------------------------------------------------------------------------
 
 
