@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import Any, Protocol, cast
 
 import hiredis
@@ -82,7 +83,7 @@ class Hub:
         self._listeners.setdefault(channel, set()).add(listener)
         self.listeners += 1
         try:
-            await self._confirm(channel)
+            await self._confirmed_soon(channel)
         except BaseException:
             self.unsubscribe(channel, listener)
             raise
@@ -97,14 +98,19 @@ class Hub:
             del self._listeners[channel]
             self._unsubscribe_later(channel)
 
-    async def hold(self, channel: str) -> None:
+    def hold(self, channel: str) -> Awaitable[None]:
         """Subscribe to `channel` with no listener yet, until `release`: a connection starts its
         subscription while it still checks the request (one Redis round trip fewer before its
-        first event), and its reader subscribes later without waiting. Held channels are not
-        readers (`listeners`, `tandem ls`). Raises ConnectionError when Redis is down."""
+        first event), and its reader subscribes later without waiting. The SUBSCRIBE goes out
+        now; await the result for Redis's confirmation (it raises ConnectionError when Redis is
+        down, and the hold is then released). Held channels are not readers (`listeners`,
+        `tandem ls`)."""
         self._held[channel] = self._held.get(channel, 0) + 1
+        return self._held_until_confirmed(channel, self._confirmed_soon(channel))
+
+    async def _held_until_confirmed(self, channel: str, confirmed: Awaitable[None]) -> None:
         try:
-            await self._confirm(channel)
+            await confirmed
         except BaseException:
             self.release(channel)
             raise
@@ -118,18 +124,20 @@ class Hub:
         if channel not in self._listeners:
             self._unsubscribe_later(channel)
 
-    async def _confirm(self, channel: str) -> None:
+    def _confirmed_soon(self, channel: str) -> Awaitable[None]:
+        """Sends the SUBSCRIBE now (unless the channel is subscribed already); what to await for
+        Redis's confirmation."""
         self._to_unsubscribe.discard(channel)
         if channel in self._confirmed:
-            return
+            return _done()
         if not self.connected.is_set() or self._conn is None:
-            raise RedisConnectionError("the hub is not connected to Redis")
+            return _fail(RedisConnectionError("the hub is not connected to Redis"))
         fut = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(channel, []).append(fut)
         if channel not in self._subscribed:
             self._subscribed.add(channel)
             self._send_subscribe([channel])
-        await asyncio.wait_for(fut, self._confirm_timeout)
+        return _within(fut, self._confirm_timeout)
 
     def _unsubscribe_later(self, channel: str) -> None:
         if channel not in self._listeners and channel not in self._held:
@@ -275,6 +283,19 @@ class Hub:
             for fut in self._waiting.pop(channel, []):
                 if not fut.done():
                     fut.set_result(None)
+
+
+async def _done() -> None:
+    return None
+
+
+async def _fail(error: BaseException) -> None:
+    raise error
+
+
+async def _within(fut: asyncio.Future[None], timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):  # awaited directly: no task between Redis's answer and us
+        await fut
 
 
 def read_timeout_for(redis: Redis) -> float:

@@ -65,10 +65,13 @@ async def _authorized_meta(state: State, stream_id: str, token: str | None, auth
     token = token or _bearer(authorization)
     if not token:
         raise ApiError(401, "token_required", "this stream needs its token: ?token=... or Authorization: Bearer ...")
-    meta = await state.store.meta(stream_id) if _ID.fullmatch(stream_id) else None
+    return _authorized(await state.store.meta(stream_id) if _ID.fullmatch(stream_id) else None, token)
+
+
+def _authorized(meta: dict[str, str] | None, token: str | None) -> dict[str, str]:
     if meta is None:
         raise ApiError(404, "stream_not_found", "no such stream (unknown id, or expired after retention)")
-    if not token_matches(meta, token):
+    if not token or not token_matches(meta, token):
         raise ApiError(403, "token_invalid", "the token does not match this stream")
     return meta
 
@@ -203,21 +206,20 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     resume = isinstance(parsed, Cursor) and parsed.source != "end" and plausible
     # The stream's channel is subscribed while the request is checked (the subscription must be
     # confirmed before the first catch-up read, and that confirmation is a round trip of its own);
-    # a request that fails its checks releases it.
+    # a request that fails its checks releases it. The meta read, a resume's check of its entry
+    # (read before the token is checked, looked at after it) and the SUBSCRIBE all go out now.
     hold = plausible and not isinstance(parsed, CursorError) and not (isinstance(parsed, Cursor) and parsed.source == "end")
-    checks: list[Awaitable[Any]] = [_authorized_meta(state, stream_id, token, authorization)]
-    if resume:  # a resume's check reads the stream before the token is checked; looked at after it
-        checks.append(store.has_entry(stream_id, parsed.source, parsed.entry))  # type: ignore[union-attr,arg-type]
-    if hold:
-        checks.append(hub.hold(channel))
-    answers = await asyncio.gather(*checks, return_exceptions=True)
-    held = hold and not isinstance(answers[-1], BaseException)
+    if not plausible:
+        await _authorized_meta(state, stream_id, token, authorization)  # raises 401 or 404, without Redis
+    held_soon = hub.hold(channel) if hold else None
+    meta_soon = store.meta_soon(stream_id)
+    found_soon = store.has_entry_soon(stream_id, parsed.source, parsed.entry) if resume else None  # type: ignore[union-attr,arg-type]
+    not_held, got, found = await _settled(held_soon, meta_soon, found_soon)
+    held = held_soon is not None and not_held is None
     try:
-        got = answers[0]
         if isinstance(got, BaseException):
             raise got
-        meta: dict[str, str] = got
-        found: bool | BaseException | None = answers[1] if resume else None
+        meta = _authorized(got, token or _bearer(authorization))
         cursor = START
         if given:
             if isinstance(parsed, CursorError):
@@ -228,8 +230,8 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
             state.metrics.resumes.inc()
             if cursor.source == "end":
                 return Response(status_code=204)
-        if hold and not held:
-            raise answers[-1]  # Redis is down: the subscription failed
+        if isinstance(not_held, BaseException):
+            raise not_held  # Redis is down: the subscription failed
 
         pacing = orjson.loads(meta.get("pacing", "{}"))
         cursor, a_state, b_state = start_point(cursor, meta)  # a resume at a terminal entry is past it
@@ -242,7 +244,11 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     try:
         # B may have completed between the first read of the meta and the subscription; the first
         # catch-up read goes out with that check.
-        b_now, _ = await asyncio.gather(store.source_state(stream_id, "b"), feed.fill())
+        b_soon = store.source_state_soon(stream_id, "b")  # queued now: goes out with the fill's read
+        filled, b_now = await _settled(feed.fill(), b_soon)
+        for answer in (filled, b_now):
+            if isinstance(answer, BaseException):
+                raise answer
         if is_terminal(b_now):
             pacer.b_completed()
     except BaseException:
@@ -292,6 +298,29 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _settled(*started: Awaitable[Any] | None) -> list[Any]:
+    """Per awaitable its result, or the exception it raised; None for None. They were started
+    already, so waiting for them in turn costs no round trip more than the slowest, and no task
+    each (as `asyncio.gather(return_exceptions=True)` would). If this is cancelled, those not
+    waited for yet are closed."""
+    out: list[Any] = []
+    rest = iter(started)
+    try:
+        for aw in rest:
+            try:
+                out.append(await aw if aw is not None else None)
+            except Exception as e:
+                out.append(e)
+    except BaseException:
+        for aw in rest:
+            if isinstance(aw, asyncio.Future):
+                aw.cancel()
+            elif aw is not None:
+                aw.close()  # type: ignore[attr-defined]
+        raise
+    return out
 
 
 def _check_cursor(meta: dict[str, str], cursor: Cursor, found: bool | BaseException | None) -> None:

@@ -55,14 +55,38 @@ class Mux:
         anyone else's). Per command its reply, or the ResponseError Redis answered."""
         return await self._send([pack_command(cast(Any, tuple(c))) for c in commands], raise_errors=False)
 
-    async def _send(self, packed: list[bytes], raise_errors: bool = True) -> list[Any]:
-        conn = self._conn if self._conn is not None else await self._connect()
+    def submit(self, *args: Arg) -> asyncio.Future[Any]:
+        """One command, queued now, from synchronous code: commands submitted one after another in
+        one step go out in one write, and waiting for them in turn costs nothing more (with
+        `asyncio.gather`, each would be a task: a loop turn before it even queues its command, and
+        another between its reply and its caller). The future's result is the reply; a Redis error
+        reply is a ResponseError (`checked` raises it). It fails when the connection does, or
+        after `timeout_s` without a reply."""
+        conn = self._conn
+        if conn is None:  # not connected (yet, or any more): that takes a task anyway
+            return asyncio.ensure_future(self.execute(*args))
         loop = asyncio.get_running_loop()
-        futs = [loop.create_future() for _ in packed]
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue(loop, conn, [pack_command(cast(Any, args))], [fut])
+        timer = loop.call_at(loop.time() + self.timeout_s, self._expire, conn, fut)
+        fut.add_done_callback(lambda _: timer.cancel())
+        return fut
+
+    def _expire(self, conn: AbstractConnection, fut: asyncio.Future[Any]) -> None:
+        if not fut.done():
+            self._fail(conn, RedisTimeoutError(f"no reply from Redis within {self.timeout_s:g} s"))
+
+    def _queue(self, loop: asyncio.AbstractEventLoop, conn: AbstractConnection, packed: list[bytes], futs: list[asyncio.Future[Any]]) -> None:
         if not self._out:
             loop.call_soon(self._flush, conn)
         self._out.extend(packed)
         self._pending.extend(futs)
+
+    async def _send(self, packed: list[bytes], raise_errors: bool = True) -> list[Any]:
+        conn = self._conn if self._conn is not None else await self._connect()
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in packed]
+        self._queue(loop, conn, packed, futs)
         try:
             async with asyncio.timeout(self.timeout_s):
                 replies = [await f for f in futs] if raise_errors else await asyncio.gather(*futs, return_exceptions=True)
@@ -146,3 +170,10 @@ class Mux:
         if conn is not None:
             self._fail(conn, RedisConnectionError("the Redis connection was closed"))
         await asyncio.sleep(0)
+
+
+def checked(reply: Any) -> Any:
+    """A reply from `Mux.submit`'s future, or the Redis error it was, raised."""
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply

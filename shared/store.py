@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -38,7 +38,7 @@ from shared.events import (
     fields_dict,
 )
 from shared.keys import SOURCES, Keys, Source
-from shared.mux import Mux
+from shared.mux import Mux, checked
 from shared.settings import Settings
 
 # Shared by the scripts below. A source's state goes queued -> running -> done|failed|cancelled;
@@ -375,21 +375,29 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------------
 
+    # The `_soon` reads queue their command at once and return what to await for the answer: a
+    # connecting reader starts the ones that do not depend on each other in one step, so they go
+    # to Redis in one write (shared/mux.py, `submit`), and no task runs per read.
+
     async def meta(self, stream_id: str) -> dict[str, str] | None:
-        key = self.keys.meta(stream_id)
         if self.mux is not None:
-            flat = await self.mux.execute("HGETALL", key)
-            raw = dict(zip(flat[::2], flat[1::2], strict=True))
-        else:
-            raw = await self.redis.hgetall(key)  # type: ignore[misc]
-        if not raw:
-            return None
-        return {_s(k): _s(v) for k, v in raw.items()}
+            return await self.meta_soon(stream_id)
+        raw = await self.redis.hgetall(self.keys.meta(stream_id))  # type: ignore[misc]
+        return {_s(k): _s(v) for k, v in raw.items()} or None
+
+    def meta_soon(self, stream_id: str) -> Awaitable[dict[str, str] | None]:
+        if self.mux is None:
+            return asyncio.ensure_future(self.meta(stream_id))
+        return _meta_reply(self.mux.submit("HGETALL", self.keys.meta(stream_id)))
 
     async def source_state(self, stream_id: str, source: Source) -> str | None:
+        return await self.source_state_soon(stream_id, source)
+
+    def source_state_soon(self, stream_id: str, source: Source) -> Awaitable[str | None]:
         key, field = self.keys.meta(stream_id), f"{source}_state"
-        st = await (self.mux.execute("HGET", key, field) if self.mux is not None else self.redis.hget(key, field))  # type: ignore[misc]
-        return _s(st) if st is not None else None
+        if self.mux is None:
+            return asyncio.ensure_future(_optional_str(self.redis.hget(key, field)))  # type: ignore[arg-type]
+        return _optional_str(self.mux.submit("HGET", key, field))
 
     async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[Entry]:
         """Entries strictly after entry id `after` (exclusive range), oldest first."""
@@ -405,7 +413,12 @@ class Store:
         return events_from_rows(source, rows)
 
     async def has_entry(self, stream_id: str, source: Source, entry_id: str) -> bool:
-        return bool(await self._xrange(stream_id, source, entry_id, entry_id, 1))
+        return await self.has_entry_soon(stream_id, source, entry_id)
+
+    def has_entry_soon(self, stream_id: str, source: Source, entry_id: str) -> Awaitable[bool]:
+        if self.mux is None:
+            return asyncio.ensure_future(_nonempty(self._xrange(stream_id, source, entry_id, entry_id, 1)))
+        return _nonempty(self.mux.submit("XRANGE", self.keys.events(stream_id, source), entry_id, entry_id, "COUNT", 1))
 
     async def _xrange(self, stream_id: str, source: Source, lo: str, hi: str, count: int) -> list[Entry]:
         key = self.keys.events(stream_id, source)
@@ -673,6 +686,20 @@ def _member(raw: Any) -> tuple[str, Source] | None:
     """`<id>:<source>`, a member of the `running` ZSET."""
     sid, _, src = _s(raw).rpartition(":")
     return (sid, src) if sid and src in SOURCES else None  # type: ignore[return-value]
+
+
+async def _meta_reply(reply: Awaitable[Any]) -> dict[str, str] | None:
+    flat = checked(await reply)
+    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)} or None
+
+
+async def _optional_str(reply: Awaitable[Any]) -> str | None:
+    value = checked(await reply)
+    return _s(value) if value is not None else None
+
+
+async def _nonempty(reply: Awaitable[Any]) -> bool:
+    return bool(checked(await reply))
 
 
 def _s(v: Any) -> str:

@@ -8,6 +8,7 @@ wait forever).
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import orjson
 import pytest
 
 from api.app import create_app
+from api.routes import _settled
 from shared.events import done_fields, error_fields
 from shared.settings import Settings
 from shared.store import Store
@@ -167,3 +169,29 @@ async def test_refused_connections_leave_no_subscription(settings: Settings, sto
                     break
                 await asyncio.sleep(0.01)
             assert n == 0
+
+
+async def test_settled_waits_in_turn_and_closes_what_it_did_not_wait_for() -> None:
+    """api.routes._settled: a connect's reads, started together, awaited one after another."""
+    loop = asyncio.get_running_loop()
+
+    async def boom() -> None:
+        raise ValueError("no")
+
+    done: asyncio.Future[int] = loop.create_future()
+    done.set_result(3)
+    out = await _settled(done, None, boom())
+    assert out[0] == 3 and out[1] is None and isinstance(out[2], ValueError)
+
+    async def one() -> int:
+        return 1
+
+    never: asyncio.Future[None] = loop.create_future()
+    later: asyncio.Future[None] = loop.create_future()
+    not_started = one()
+    task = asyncio.ensure_future(_settled(never, not_started, later))
+    await asyncio.sleep(0)
+    task.cancel()  # the request is cancelled (shutdown) while it waits for the first
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert inspect.getcoroutinestate(not_started) == inspect.CORO_CLOSED and later.cancelled()

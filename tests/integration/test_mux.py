@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.mux import Mux
+from shared.mux import Mux, checked
 from shared.redis_server import RedisServer
 
 
@@ -102,5 +102,39 @@ async def test_redis_down_is_a_connection_error(tmp_path_factory: pytest.TempPat
             await mux.execute("PING")
         with pytest.raises(RedisConnectionError):
             await mux.execute("PING")  # connecting fails too, at once
+    finally:
+        await mux.aclose()
+
+
+async def test_submitted_commands_of_one_step_go_out_in_one_write(mux: Mux, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await mux.execute("SET", f"{prefix}:s", "x")  # connected
+    writes: list[bytes] = []
+    conn = mux._conn
+    assert conn is not None and conn._writer is not None
+    real_write = conn._writer.write
+    monkeypatch.setattr(conn._writer, "write", lambda data: (writes.append(data), real_write(data))[1])
+    # Started in one step, waited for in turn: one write, no task, each its own reply.
+    started = [mux.submit("GET", f"{prefix}:s"), mux.submit("HGET", f"{prefix}:s", "f"), mux.submit("INCR", f"{prefix}:n")]
+    assert not any(isinstance(f, asyncio.Task) for f in started)
+    replies = [await f for f in started]
+    assert len(writes) == 1
+    assert replies[0] == b"x" and replies[2] == 1
+    with pytest.raises(ResponseError):
+        checked(replies[1])  # a Redis error is that command's reply
+    assert checked(replies[0]) == b"x"
+
+
+async def test_submit_before_connecting_and_when_no_reply_comes(redis_server: RedisServer, redis: Redis, prefix: str) -> None:
+    mux = Mux(ConnectionPool.from_url(redis_server.url, client_name="tandem-mux-test"), timeout_s=0.2)
+    try:
+        assert await mux.submit("PING") == b"PONG"  # not connected yet: it connects first
+        await redis.execute_command("CLIENT", "PAUSE", 600, "ALL")
+        t0 = asyncio.get_running_loop().time()
+        late = mux.submit("GET", f"{prefix}:x")
+        with pytest.raises(RedisTimeoutError):
+            await late
+        assert asyncio.get_running_loop().time() - t0 < 0.5
+        await asyncio.sleep(0.6)
+        assert await mux.submit("PING") == b"PONG"  # a new connection
     finally:
         await mux.aclose()

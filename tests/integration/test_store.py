@@ -204,6 +204,9 @@ async def test_reads_are_the_same_with_or_without_the_mux(store: Store, redis: R
         assert await s.read(sid, "a", rows[0][0], 10) == rows[1:]
         assert await s.has_entry(sid, "a", rows[1][0]) and not await s.has_entry(sid, "b", rows[1][0])
         assert await s.source_state(sid, "b") == "done" and await s.source_state("no-such-stream", "a") is None
+        # The `_soon` reads, started together and awaited in turn.
+        soon = [s.meta_soon(sid), s.has_entry_soon(sid, "a", rows[0][0]), s.source_state_soon(sid, "a"), s.meta_soon("nope")]
+        assert [await x for x in soon] == [await plain.meta(sid), True, "running", None]
         await s.ping()
         created = await new_stream(s)  # a create is one MULTI/EXEC either way
         assert (await plain.meta(created) or {}).get("status") == "queued"
