@@ -57,6 +57,17 @@ async def get(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return reader, writer
 
 
+async def fetch(app: App, http: str = "httptools") -> tuple[bytes, bytes]:
+    """One GET on a server running `app`: the response head, and its chunked body as it came."""
+    async with serving(app, http) as port:
+        reader, writer = await get(port)
+        try:
+            async with asyncio.timeout(10):
+                return await reader.readuntil(b"\r\n\r\n"), await reader.readuntil(b"0\r\n\r\n")
+        finally:
+            writer.close()
+
+
 async def test_writes_interleave_with_send_as_one_chunked_body() -> None:
     writers: list[ChunkWriter | None] = []
 
@@ -73,12 +84,7 @@ async def test_writes_interleave_with_send_as_one_chunked_body() -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         assert not w.ready()  # the response ended: nothing more may be written
 
-    async with serving(wrapped(app)) as port:
-        reader, writer = await get(port)
-        async with asyncio.timeout(10):
-            head = await reader.readuntil(b"\r\n\r\n")
-            body = await reader.readuntil(b"0\r\n\r\n")
-        writer.close()
+    head, body = await fetch(wrapped(app))
     assert b"transfer-encoding: chunked" in head.lower()
     assert body == b"b\r\ndata: one\n\n\r\nb\r\ndata: two\n\n\r\n14\r\nid: a/1-0\ndata: \xc3\xa9\n\n\r\n0\r\n\r\n"
     assert writers and writers[0] is not None
@@ -94,11 +100,7 @@ async def test_no_writer_where_the_framing_is_not_uvicorns_httptools() -> None:
         writers.append(chunk_writer(send))
         await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": False})
 
-    async with serving(app, http="h11") as port:
-        reader, writer = await get(port)
-        async with asyncio.timeout(10):
-            await reader.readuntil(b"0\r\n\r\n")
-        writer.close()
+    await fetch(app, http="h11")
     assert writers == [None]
 
     async def before_head(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -106,11 +108,7 @@ async def test_no_writer_where_the_framing_is_not_uvicorns_httptools() -> None:
         await send(HEAD)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async with serving(before_head) as port:
-        reader, writer = await get(port)
-        async with asyncio.timeout(10):
-            await reader.readuntil(b"0\r\n\r\n")
-        writer.close()
+    await fetch(before_head)
     assert writers == [None, None]
 
 
