@@ -61,6 +61,17 @@ async def event_stream(
     def may_read() -> bool:
         return hold is None or loop.time() >= hold or feed.resyncs != held_at
 
+    def due(now: float) -> tuple[bytes | None, float | None]:
+        """What the pacer lets go at `now`, as one chunk (counted, and the keepalive clock reset),
+        and when to ask again: for the task's sends and `deliver`'s alike."""
+        items, wake_at = pacer.poll(now, MAX_EVENTS_PER_SEND)
+        if not items:
+            return None, wake_at
+        if on_events is not None:
+            on_events(items, now)  # type: ignore[arg-type]
+        live.ping_due = now + ping_s
+        return b"".join([item.sse() for item in items]), wake_at
+
     def deliver() -> None:
         """The feed took in an announcement (in the hub's callback). While this stream is parked
         and its connection takes bytes now, what the pacer releases goes out from here: no task
@@ -71,14 +82,10 @@ async def event_stream(
         if not parked or writer is None or live.closed or not writer.ready() or feed.needs_fill():
             feed.waker.set()
             return
-        now = loop.time()
         try:
-            items, wake_at = pacer.poll(now, MAX_EVENTS_PER_SEND)
-            if items:
-                if on_events is not None:
-                    on_events(items, now)  # type: ignore[arg-type]
-                writer.write(b"".join([item.sse() for item in items]))
-                live.ping_due = now + ping_s
+            chunk, wake_at = due(loop.time())
+            if chunk is not None:
+                writer.write(chunk)
         except Exception:
             # This runs in the hub's loop: a failure must cost this connection only (raised, the
             # hub would drop its Redis connection and resync every reader). What the pacer let go
@@ -109,15 +116,12 @@ async def event_stream(
                     hold, held_at = (loop.time() + backoff if up else math.inf), feed.resyncs
                     backoff = min(backoff * 2, RETRY_MAX_S)
             now = loop.time()
-            items, wake_at = pacer.poll(now, MAX_EVENTS_PER_SEND)
-            if items:
-                if on_events is not None:
-                    on_events(items, now)  # type: ignore[arg-type]
-                yield b"".join([item.sse() for item in items])
-                live.ping_due = now + ping_s
+            chunk, wake_at = due(now)
+            if chunk is not None:
+                yield chunk
             elif now >= live.ping_due:
-                yield PING
                 live.ping_due = now + ping_s
+                yield PING
             if pacer.finished:
                 return
             if wake_at is not None and wake_at <= loop.time():
