@@ -189,6 +189,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     """Everything GET .../events does: check, then the SSE response. `raw`: the Last-Event-ID
     (header, else the `last_event_id` query parameter)."""
     s, store = state.settings, state.store
+    token = token or _bearer(authorization)
     # Each Redis round trip of a connect is a loop turn or two of a busy process, so what does not
     # depend on an earlier answer goes out together (shared/mux.py writes them as one).
     given = raw is not None and raw != ""
@@ -202,7 +203,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
         raise ApiError(429, "too_many_streams", "this API process serves its maximum of open streams; retry", headers={"Retry-After": "1"})
     hub = state.hub
     channel = store.keys.channel(stream_id)
-    plausible = _ID.fullmatch(stream_id) is not None and bool(token or _bearer(authorization))
+    plausible = _ID.fullmatch(stream_id) is not None and bool(token)
     resume = isinstance(parsed, Cursor) and parsed.source != "end" and plausible
     # The stream's channel is subscribed while the request is checked (the subscription must be
     # confirmed before the first catch-up read, and that confirmation is a round trip of its own);
@@ -210,7 +211,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     # (read before the token is checked, looked at after it) and the SUBSCRIBE all go out now.
     hold = plausible and not isinstance(parsed, CursorError) and not (isinstance(parsed, Cursor) and parsed.source == "end")
     if not plausible:
-        await _authorized_meta(state, stream_id, token, authorization)  # raises 401 or 404, without Redis
+        await _authorized_meta(state, stream_id, token, None)  # raises 401 or 404, without Redis
     held_soon = hub.hold(channel) if hold else None
     meta_soon = store.meta_soon(stream_id)
     found_soon = store.has_entry_soon(stream_id, parsed.source, parsed.entry) if resume else None  # type: ignore[union-attr,arg-type]
@@ -219,7 +220,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     try:
         if isinstance(got, BaseException):
             raise got
-        meta = _authorized(got, token or _bearer(authorization))
+        meta = _authorized(got, token)
         cursor = START
         if given:
             if isinstance(parsed, CursorError):
