@@ -65,37 +65,32 @@ class Mux:
         conn = self._conn
         if conn is None:  # not connected (yet, or any more): that takes a task anyway
             return asyncio.ensure_future(self.execute(*args))
+        return self._queue(conn, [pack_command(cast(Any, args))])[-1]
+
+    def _queue(self, conn: AbstractConnection, packed: list[bytes]) -> list[asyncio.Future[Any]]:
+        """Queue commands for this loop turn's write; a future per reply. No reply to the last of
+        them within `timeout_s` fails the connection (replies come in order)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._queue(loop, conn, [pack_command(cast(Any, args))], [fut])
-        timer = loop.call_at(loop.time() + self.timeout_s, self._expire, conn, fut)
-        fut.add_done_callback(lambda _: timer.cancel())
-        return fut
+        futs: list[asyncio.Future[Any]] = [loop.create_future() for _ in packed]
+        if not self._out:
+            loop.call_soon(self._flush, conn)
+        self._out.extend(packed)
+        self._pending.extend(futs)
+        timer = loop.call_at(loop.time() + self.timeout_s, self._expire, conn, futs[-1])
+        futs[-1].add_done_callback(lambda _: timer.cancel())
+        return futs
 
     def _expire(self, conn: AbstractConnection, fut: asyncio.Future[Any]) -> None:
         if not fut.done():
             self._fail(conn, RedisTimeoutError(f"no reply from Redis within {self.timeout_s:g} s"))
 
-    def _queue(self, loop: asyncio.AbstractEventLoop, conn: AbstractConnection, packed: list[bytes], futs: list[asyncio.Future[Any]]) -> None:
-        if not self._out:
-            loop.call_soon(self._flush, conn)
-        self._out.extend(packed)
-        self._pending.extend(futs)
-
     async def _send(self, packed: list[bytes], raise_errors: bool = True) -> list[Any]:
         conn = self._conn if self._conn is not None else await self._connect()
-        loop = asyncio.get_running_loop()
-        futs = [loop.create_future() for _ in packed]
-        self._queue(loop, conn, packed, futs)
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                replies = [await f for f in futs] if raise_errors else await asyncio.gather(*futs, return_exceptions=True)
-        except TimeoutError:
-            self._fail(conn, RedisTimeoutError(f"no reply from Redis within {self.timeout_s:g} s"))
-            raise RedisTimeoutError(f"no reply from Redis within {self.timeout_s:g} s") from None
+        # A failed connection (or no reply in time) raises here, the same for every command.
+        replies = [await f for f in self._queue(conn, packed)]
         for r in replies:
-            if isinstance(r, BaseException) and (raise_errors or not isinstance(r, ResponseError)):
-                raise r  # a Redis error (execute), or the connection failed (the same for every command)
+            if raise_errors and isinstance(r, ResponseError):
+                raise r
         return replies
 
     def _flush(self, conn: AbstractConnection) -> None:
@@ -157,6 +152,7 @@ class Mux:
         for fut in pending:
             if not fut.done():
                 fut.set_exception(error)
+                fut.exception()  # whoever waits gets it; one that no longer waits is not an error to log
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
