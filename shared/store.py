@@ -377,7 +377,8 @@ class Store:
 
     # The `_soon` reads queue their command at once and return what to await for the answer: a
     # connecting reader starts the ones that do not depend on each other in one step, so they go
-    # to Redis in one write (shared/mux.py, `submit`), and no task runs per read.
+    # to Redis in one write (shared/mux.py, `submit`), and no task runs per read. (Without the
+    # mux, a `_soon` read is its plain read run as a task.)
 
     async def meta(self, stream_id: str) -> dict[str, str] | None:
         if self.mux is not None:
@@ -391,13 +392,14 @@ class Store:
         return _meta_reply(self.mux.submit("HGETALL", self.keys.meta(stream_id)))
 
     async def source_state(self, stream_id: str, source: Source) -> str | None:
-        return await self.source_state_soon(stream_id, source)
+        if self.mux is not None:
+            return await self.source_state_soon(stream_id, source)
+        return await _optional_str(self.redis.hget(self.keys.meta(stream_id), f"{source}_state"))  # type: ignore[arg-type]
 
     def source_state_soon(self, stream_id: str, source: Source) -> Awaitable[str | None]:
-        key, field = self.keys.meta(stream_id), f"{source}_state"
         if self.mux is None:
-            return asyncio.ensure_future(_optional_str(self.redis.hget(key, field)))  # type: ignore[arg-type]
-        return _optional_str(self.mux.submit("HGET", key, field))
+            return asyncio.ensure_future(self.source_state(stream_id, source))
+        return _optional_str(self.mux.submit("HGET", self.keys.meta(stream_id), f"{source}_state"))
 
     async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[Entry]:
         """Entries strictly after entry id `after` (exclusive range), oldest first."""
@@ -413,11 +415,13 @@ class Store:
         return events_from_rows(source, rows)
 
     async def has_entry(self, stream_id: str, source: Source, entry_id: str) -> bool:
-        return await self.has_entry_soon(stream_id, source, entry_id)
+        if self.mux is not None:
+            return await self.has_entry_soon(stream_id, source, entry_id)
+        return bool(await self._xrange(stream_id, source, entry_id, entry_id, 1))
 
     def has_entry_soon(self, stream_id: str, source: Source, entry_id: str) -> Awaitable[bool]:
         if self.mux is None:
-            return asyncio.ensure_future(_nonempty(self._xrange(stream_id, source, entry_id, entry_id, 1)))
+            return asyncio.ensure_future(self.has_entry(stream_id, source, entry_id))
         return _nonempty(self.mux.submit("XRANGE", self.keys.events(stream_id, source), entry_id, entry_id, "COUNT", 1))
 
     async def _xrange(self, stream_id: str, source: Source, lo: str, hi: str, count: int) -> list[Entry]:
