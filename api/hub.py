@@ -40,6 +40,11 @@ PING_IDLE_S = 5.0  # PING the pub/sub connection after this long without any mes
 DEAD_AFTER_S = 12.0  # nothing at all (not even the PING's reply) for this long: the connection is dead
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 2.0  # reconnect delays: doubling, bounded
 READ_BUFFER_BYTES = 1 << 21  # most the hub takes from its socket per read
+# The parser is fed a read this much at a time. hiredis moves what it has not parsed yet to the
+# front of its buffer after every reply once 1 KiB is consumed: fed a whole busy read (hundreds of
+# KiB of 140-byte messages) at once, that is quadratic. Measured: 11% of the API's CPU at 1,000
+# paced streams in that memmove, and 2.5 vs 0.3 us per message for a 1.4 MB read.
+FEED_BYTES = 1 << 14
 
 
 class Listener(Protocol):
@@ -159,9 +164,7 @@ class Hub:
                 now = loop.time()
                 if data:
                     self._last_rx, self._pinged = now, False
-                    self._parser.feed(data)
-                    while (reply := self._parser.gets()) is not False:
-                        self._dispatch(reply)
+                    self._take(data)
                 elif now - self._last_rx >= DEAD_AFTER_S:
                     # A half-open connection (host gone, no RST) reads as silence, not as an error.
                     raise RedisTimeoutError(f"no answer on the pub/sub connection for {DEAD_AFTER_S:.0f}s")
@@ -181,6 +184,13 @@ class Hub:
                 await self._drop()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _take(self, data: bytes) -> None:
+        parser, size = self._parser, len(data)
+        for offset in range(0, size, FEED_BYTES):
+            parser.feed(data, offset, min(FEED_BYTES, size - offset))
+            while (reply := parser.gets()) is not False:
+                self._dispatch(reply)
 
     async def _read(self, conn: AbstractConnection) -> bytes:
         """What the socket has now (up to READ_BUFFER_BYTES), or b"" after `read_timeout` of silence."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from api.hub import Hub
+from api.hub import FEED_BYTES, Hub
 from shared.events import Announcement
 from shared.redis_server import RedisServer, free_port
 from shared.store import Store
@@ -175,6 +178,35 @@ async def test_malformed_announcement_is_skipped(hub: Hub, store: Store, redis: 
     await eventually(lambda: rec.texts() == ["ok"])
     assert rec.resyncs == 0
     assert hub.connected.is_set()
+
+
+async def test_a_large_read_is_parsed_whole_and_in_order(hub: Hub, store: Store, redis_server: RedisServer) -> None:
+    """The hub feeds its parser a read in FEED_BYTES slices (hiredis is quadratic on one large
+    feed): messages that straddle a slice's end are still parsed once each, in order."""
+    sid = await running_stream(store)
+    channel = store.keys.channel(sid)
+    rec = Recorder()
+    await hub.subscribe(channel, rec)
+    sizes: list[int] = []
+    read = hub._read
+
+    async def recording(conn: Any) -> bytes:
+        data = await read(conn)
+        sizes.append(len(data))
+        return data
+
+    hub._read = recording  # type: ignore[method-assign]
+    n = 5_000
+    # A blocking client blocks this loop while it publishes: the hub cannot read until it is done,
+    # so the messages reach it in a few large reads.
+    with SyncRedis.from_url(redis_server.url) as sync, sync.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.publish(channel, orjson.dumps({"s": "a", "p": f"{i}-0", "e": [[f"{i + 1}-0", ["type", "delta", "text", f"t{i} é"]]]}))
+        pipe.execute()
+    await eventually(lambda: len(rec.announcements) == n, what=f"{len(rec.announcements)} of {n} announcements")
+    assert rec.texts() == [f"t{i} é" for i in range(n)]
+    assert max(sizes) > 4 * FEED_BYTES, sizes  # the slicing was exercised
+    assert hub.connected.is_set() and rec.resyncs == 0
 
 
 async def test_reconnect_after_client_kill(hub: Hub, store: Store, redis: Redis) -> None:
