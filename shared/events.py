@@ -65,21 +65,35 @@ def final_status(a_state: str, b_state: str) -> str:
 # -- pub/sub payload ---------------------------------------------------------------------------
 
 
+Row = tuple[str, list[str]]  # (entry id, flat fields), as announced
+
+
 @dataclass(slots=True)
 class Announcement:
     """One append as announced on a stream's channel: the entries, and the id before them."""
 
     source: Source
     prev: str
-    entries: list[Entry]
+    rows: list[Row]
     _events: list[Event] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [(eid, fields_dict(flat)) for eid, flat in self.rows]
 
     @property
     def events(self) -> list[Event]:
         """The entries as events, built once and shared by every reader of the stream (and so is
-        each event's encoded form)."""
+        each event's encoded form). A delta goes straight from its row, without a fields dict:
+        at 1,000 paced streams this runs 20,000 times a second."""
         if self._events is None:
-            self._events = [event_from_entry(self.source, eid, f) for eid, f in self.entries]
+            source = self.source
+            self._events = [
+                delta_event(source, eid, flat[3])
+                if len(flat) == 4 and flat[0] == "type" and flat[1] == "delta" and flat[2] == "text"
+                else event_from_entry(source, eid, fields_dict(flat))
+                for eid, flat in self.rows
+            ]
         return self._events
 
 
@@ -88,12 +102,16 @@ def parse_announcement(payload: bytes | str) -> Announcement:
     try:
         doc = orjson.loads(payload)
         source, prev, raw = doc["s"], doc["p"], doc["e"]
-        entries = [(eid, fields_dict(flat)) for eid, flat in raw]
+        rows: list[Row] = []
+        for eid, flat in raw:
+            if not isinstance(eid, str) or not isinstance(flat, list) or len(flat) % 2:
+                raise ValueError(f"malformed entry in announcement: {eid!r}")
+            rows.append((eid, flat))
     except (KeyError, TypeError, IndexError) as e:  # always ValueError: the hub skips those
         raise ValueError(f"malformed announcement: {e!r}") from None
     if source not in ("a", "b"):
         raise ValueError(f"bad source in announcement: {source!r}")
-    return Announcement(source, prev, entries)
+    return Announcement(source, prev, rows)
 
 
 # -- SSE ---------------------------------------------------------------------------------------
@@ -119,11 +137,22 @@ class Event:
         return wire
 
 
+def delta_event(source: Source, entry_id: str, text: str) -> Event:
+    """A delta, nearly every event, with its wire form built here (the bytes `Event.sse` would
+    make, without its generic encoder): live announcements and catch-up reads both come this way."""
+    data = {"source": source, "text": text}
+    wire = b"".join((_DELTA_HEAD[source], entry_id.encode(), b"\ndata: ", orjson.dumps(data), b"\n\n"))
+    return Event("delta", source, Cursor(source, entry_id), data, wire)
+
+
+_DELTA_HEAD = {src: b"event: delta\nid: " + src.encode() + b"-" for src in ("a", "b")}
+
+
 def event_from_entry(source: Source, entry_id: str, fields: Fields) -> Event:
     kind = fields.get("type")
-    cursor = Cursor(source, entry_id)
     if kind == "delta":
-        return Event("delta", source, cursor, {"source": source, "text": fields.get("text", "")})
+        return delta_event(source, entry_id, fields.get("text", ""))
+    cursor = Cursor(source, entry_id)
     if kind == "done":
         data: dict[str, Any] = {"source": source, "tokens": int(fields.get("tokens", "0"))}
         if "extra" in fields:
@@ -146,15 +175,12 @@ _DELTA = (b"type", b"delta", b"text")
 def events_from_rows(source: Source, rows: Sequence[tuple[bytes, Sequence[bytes]]]) -> list[Event]:
     """Events from XRANGE rows as Redis sent them (entry id, flat fields; bytes): what a catch-up
     read, a flush or a resume turns into SSE. A delta, nearly every entry, is built straight from
-    the bytes with its wire form (the same bytes `Event.sse` would make), without the fields dict
-    and the string round trips of `event_from_entry`: a 10,000-token flush is 10,000 of these."""
+    the bytes, without the fields dict of `event_from_entry`: a 10,000-token flush is 10,000 of
+    these."""
     out: list[Event] = []
-    id_prefix = b"event: delta\nid: " + source.encode() + b"-"
     for eid, flat in rows:
         if len(flat) == 4 and (flat[0], flat[1], flat[2]) == _DELTA:
-            data = {"source": source, "text": flat[3].decode()}
-            wire = b"".join((id_prefix, eid, b"\ndata: ", orjson.dumps(data), b"\n\n"))
-            out.append(Event("delta", source, Cursor(source, eid.decode()), data, wire))
+            out.append(delta_event(source, eid.decode(), flat[3].decode()))
         else:
             out.append(event_from_entry(source, eid.decode(), {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}))
     return out

@@ -261,14 +261,15 @@ def test_final_status(a: str, b: str, status: str) -> None:
 def test_parse_announcement_good() -> None:
     payload = orjson.dumps({"s": "a", "p": "0-0", "e": [["1-0", ["type", "delta", "text", "x\ny"]], ["1-1", ["type", "done", "tokens", "1"]]]})
     ann = parse_announcement(payload)
-    assert ann == Announcement("a", "0-0", [("1-0", {"type": "delta", "text": "x\ny"}), ("1-1", {"type": "done", "tokens": "1"})])
+    assert ann == Announcement("a", "0-0", [("1-0", ["type", "delta", "text", "x\ny"]), ("1-1", ["type", "done", "tokens", "1"])])
+    assert ann.entries == [("1-0", {"type": "delta", "text": "x\ny"}), ("1-1", {"type": "done", "tokens": "1"})]
     assert parse_announcement(payload.decode()) == ann
 
 
 def test_parse_announcement_as_lua_cjson_writes_it() -> None:
     """cjson escapes '/' and writes the keys in any order."""
     payload = b'{"e":[["17-0",["type","delta","text","a\\/b \\u00e9"]]],"p":"16-3","s":"b"}'
-    assert parse_announcement(payload) == Announcement("b", "16-3", [("17-0", {"type": "delta", "text": "a/b é"})])
+    assert parse_announcement(payload) == Announcement("b", "16-3", [("17-0", ["type", "delta", "text", "a/b é"])])
 
 
 def test_parse_announcement_without_entries() -> None:
@@ -323,6 +324,10 @@ def test_events_from_rows_match_event_from_entry_byte_for_byte(text: str, source
     want = [event_from_entry(source, eid, fields_dict(flat)) for eid, flat in entries]  # type: ignore[arg-type]
     assert got == want
     assert [e.sse() for e in got] == [sse_message(e.kind, e.data, str(e.cursor)) for e in want]
+    # and the live path's: an announcement of the same entries, as the Lua scripts publish it
+    announced = parse_announcement(orjson.dumps({"s": source, "p": "4-0", "e": entries})).events
+    assert announced == want
+    assert [e.sse() for e in announced] == [sse_message(e.kind, e.data, str(e.cursor)) for e in want]
 
 
 def test_events_from_rows_refuses_an_unknown_entry_type() -> None:
