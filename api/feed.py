@@ -9,6 +9,11 @@ applied after it: at 20 tokens/s a new one arrives during almost every read of a
 and reading again for each would keep the source behind for as long as the stream runs. So the feed never holds more than about one batch per source, however long the stream,
 and never loses or repeats an entry: entries go to the pacer strictly in id order.
 B's entries are not read at all while A is still going; only B's completion is noted.
+
+A connection starts behind. Its request may have read A's first entries already (`prefill`: read
+with the request's checks, before the subscription was confirmed); the first fill still reads
+after them, for anything appended before the subscription took effect, and B's state with them:
+B may have completed in that moment too, announced to no one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from shared.background import settled
 from shared.cursor import Cursor, entry_key
 from shared.events import Announcement, Event
 from shared.keys import SOURCES, Source
@@ -42,7 +48,7 @@ class SourceState:
 
 
 class Feed:
-    __slots__ = ("_a", "_b", "_batch", "_store", "_stream_id", "b_completed_at", "notify", "pacer", "resyncs", "waker")
+    __slots__ = ("_a", "_b", "_batch", "_check_b", "_store", "_stream_id", "b_completed_at", "notify", "pacer", "resyncs", "waker")
 
     def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
         """`cursor`: read strictly after it (see `start_point`)."""
@@ -60,6 +66,7 @@ class Feed:
             self._a, self._b = SourceState(cursor.entry if cursor.source == "a" else "0-0"), SourceState()
         self.b_completed_at: float | None = None  # perf_counter() when B's completion was noticed (metrics)
         self.resyncs = 0  # times the hub asked for a catch-up (after it reconnected to Redis)
+        self._check_b = True  # B's state is read with the first fill after subscribing
 
     def _st(self, source: str) -> SourceState:
         return self._a if source == "a" else self._b
@@ -124,14 +131,35 @@ class Feed:
 
     # -- from the SSE loop ---------------------------------------------------------------------
 
+    def prefill(self, events: list[Event]) -> None:
+        """A's entries after the connection's cursor, read before the subscription was confirmed:
+        to the pacer at once. A stays behind: the first fill reads what follows them."""
+        self._take("a", events)
+
     def needs_fill(self) -> bool:
         half = (self._batch + 1) // 2
-        return (self._a.behind and self._wanted("a") and self.pacer.pending("a") < half) or (
-            self._b.behind and self._wanted("b") and self.pacer.pending("b") < half
+        return (
+            self._check_b
+            or (self._a.behind and self._wanted("a") and self.pacer.pending("a") < half)
+            or (self._b.behind and self._wanted("b") and self.pacer.pending("b") < half)
         )
 
     async def fill(self) -> None:
-        """Catch up from Redis where behind, for the sources the pacer wants now."""
+        """Catch up from Redis where behind, for the sources the pacer wants now (the first time,
+        B's state too)."""
+        if not self._check_b or self.pacer.b_complete:
+            self._check_b = False
+            return await self._fill()
+        b_soon = self._store.source_state_soon(self._stream_id, "b")  # goes out with the first read
+        filled, b_now = await settled(self._fill(), b_soon)
+        for answer in (filled, b_now):
+            if isinstance(answer, BaseException):
+                raise answer
+        self._check_b = False
+        if is_terminal(b_now):
+            self.pacer.b_completed()
+
+    async def _fill(self) -> None:
         for src in SOURCES:
             st = self._st(src)
             while st.behind and self._wanted(src) and self.pacer.pending(src) < (self._batch + 1) // 2:

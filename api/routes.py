@@ -6,7 +6,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import orjson
@@ -24,6 +23,7 @@ from api.metrics import ApiMetrics
 from api.response import Liveness, OpenStreams, SSEResponse
 from api.schemas import CreateStream
 from api.sse import event_stream
+from shared.background import settled
 from shared.cursor import START, Cursor, CursorError
 from shared.events import Event
 from shared.keys import SOURCES, Source
@@ -215,7 +215,17 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
     held_soon = hub.hold(channel) if hold else None
     meta_soon = store.meta_soon(stream_id)
     found_soon = store.has_entry_soon(stream_id, parsed.source, parsed.entry) if resume else None  # type: ignore[union-attr,arg-type]
-    not_held, got, found = await _settled(held_soon, meta_soon, found_soon)
+    # A's entries after the cursor are read now too, ahead of the checks (used only once they
+    # pass): the first events go out with the response's head, a round trip sooner. The feed's
+    # first fill then reads after them (an entry appended before the subscription took effect
+    # was announced to no one) and B's state, while those events are on their way.
+    early_from: str | None = None
+    if hold and not given:
+        early_from = START.entry
+    elif resume and isinstance(parsed, Cursor) and parsed.source == "a":
+        early_from = parsed.entry
+    early_soon = store.read_events_soon(stream_id, "a", early_from, s.read_batch) if early_from is not None else None
+    not_held, got, found, early = await settled(held_soon, meta_soon, found_soon, early_soon)
     held = held_soon is not None and not_held is None
     try:
         if isinstance(got, BaseException):
@@ -237,24 +247,15 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
         pacing = orjson.loads(meta.get("pacing", "{}"))
         cursor, a_state, b_state = start_point(cursor, meta)  # a resume at a terminal entry is past it
         pacer = Pacer(pacing.get("slow_interval_ms", 0) / 1000, pacing.get("b_interval_ms", 0) / 1000, a_state=a_state, b_state=b_state)
+        if is_terminal(meta.get("b_state")):
+            pacer.b_completed()  # (a terminal state is final; a later completion is the feed's to notice)
         feed = Feed(store, stream_id, cursor, pacer, s.read_batch)
+        if isinstance(early, list) and cursor.source == "a" and cursor.entry == early_from:
+            feed.prefill(early)  # (not when start_point moved the cursor past A)
         await hub.subscribe(channel, feed)  # held: confirmed already, no round trip
     finally:
         if held:
             hub.release(channel)
-    try:
-        # B may have completed between the first read of the meta and the subscription; the first
-        # catch-up read goes out with that check.
-        b_soon = store.source_state_soon(stream_id, "b")  # queued now: goes out with the fill's read
-        filled, b_now = await _settled(feed.fill(), b_soon)
-        for answer in (filled, b_now):
-            if isinstance(answer, BaseException):
-                raise answer
-        if is_terminal(b_now):
-            pacer.b_completed()
-    except BaseException:
-        hub.unsubscribe(channel, feed)
-        raise
 
     meta_doc = {
         "id": stream_id,
@@ -299,29 +300,6 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-async def _settled(*started: Awaitable[Any] | None) -> list[Any]:
-    """Per awaitable its result, or the exception it raised; None for None. They were started
-    already, so waiting for them in turn costs no round trip more than the slowest, and no task
-    each (as `asyncio.gather(return_exceptions=True)` would). If this is cancelled, those not
-    waited for yet are closed."""
-    out: list[Any] = []
-    rest = iter(started)
-    try:
-        for aw in rest:
-            try:
-                out.append(await aw if aw is not None else None)
-            except Exception as e:
-                out.append(e)
-    except BaseException:
-        for aw in rest:
-            if isinstance(aw, asyncio.Future):
-                aw.cancel()
-            elif aw is not None:
-                aw.close()  # type: ignore[attr-defined]
-        raise
-    return out
 
 
 def _check_cursor(meta: dict[str, str], cursor: Cursor, found: bool | BaseException | None) -> None:

@@ -98,7 +98,9 @@ async def event_stream(
             feed.waker.set()
 
     try:
-        yield sse_retry(retry_ms) + sse_message("meta", meta_doc)
+        head = sse_retry(retry_ms) + sse_message("meta", meta_doc)
+        first, _ = due(loop.time())  # what the request read already and the pacer lets go at once
+        yield head + first if first is not None else head
         live.ping_due = loop.time() + ping_s
         feed.notify = deliver
         while True:

@@ -407,12 +407,14 @@ class Store:
 
     async def read_events(self, stream_id: str, source: Source, after: str, count: int) -> list[Event]:
         """`read`, as events (`events_from_rows`: the API's catch-up path)."""
+        if self.mux is not None:
+            return await self.read_events_soon(stream_id, source, after, count)
+        return [event_from_entry(source, eid, f) for eid, f in await self.read(stream_id, source, after, count)]
+
+    def read_events_soon(self, stream_id: str, source: Source, after: str, count: int) -> Awaitable[list[Event]]:
         if self.mux is None:
-            return [event_from_entry(source, eid, f) for eid, f in await self.read(stream_id, source, after, count)]
-        rows = await self.mux.execute("XRANGE", self.keys.events(stream_id, source), _after(after), "+", "COUNT", count)
-        if rows and not isinstance(rows[0][0], bytes):  # a connection that decodes replies
-            return [event_from_entry(source, eid, fields_dict(flat)) for eid, flat in rows]
-        return events_from_rows(source, rows)
+            return asyncio.ensure_future(self.read_events(stream_id, source, after, count))
+        return _events_reply(source, self.mux.submit("XRANGE", self.keys.events(stream_id, source), _after(after), "+", "COUNT", count))
 
     async def has_entry(self, stream_id: str, source: Source, entry_id: str) -> bool:
         if self.mux is not None:
@@ -695,6 +697,13 @@ def _member(raw: Any) -> tuple[str, Source] | None:
 async def _meta_reply(reply: Awaitable[Any]) -> dict[str, str] | None:
     flat = checked(await reply)
     return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)} or None
+
+
+async def _events_reply(source: Source, reply: Awaitable[Any]) -> list[Event]:
+    rows = checked(await reply)
+    if rows and not isinstance(rows[0][0], bytes):  # a connection that decodes replies
+        return [event_from_entry(source, eid, fields_dict(flat)) for eid, flat in rows]
+    return events_from_rows(source, rows)
 
 
 async def _optional_str(reply: Awaitable[Any]) -> str | None:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from api.app import create_app
-from api.routes import _settled
+from shared.background import settled
 from shared.events import done_fields, error_fields
 from shared.settings import Settings
 from shared.store import Store
@@ -172,7 +172,7 @@ async def test_refused_connections_leave_no_subscription(settings: Settings, sto
 
 
 async def test_settled_waits_in_turn_and_closes_what_it_did_not_wait_for() -> None:
-    """api.routes._settled: a connect's reads, started together, awaited one after another."""
+    """shared.background.settled: a connect's reads, started together, awaited one after another."""
     loop = asyncio.get_running_loop()
 
     async def boom() -> None:
@@ -180,7 +180,7 @@ async def test_settled_waits_in_turn_and_closes_what_it_did_not_wait_for() -> No
 
     done: asyncio.Future[int] = loop.create_future()
     done.set_result(3)
-    out = await _settled(done, None, boom())
+    out = await settled(done, None, boom())
     assert out[0] == 3 and out[1] is None and isinstance(out[2], ValueError)
 
     async def one() -> int:
@@ -189,9 +189,64 @@ async def test_settled_waits_in_turn_and_closes_what_it_did_not_wait_for() -> No
     never: asyncio.Future[None] = loop.create_future()
     later: asyncio.Future[None] = loop.create_future()
     not_started = one()
-    task = asyncio.ensure_future(_settled(never, not_started, later))
+    task = asyncio.ensure_future(settled(never, not_started, later))
     await asyncio.sleep(0)
     task.cancel()  # the request is cancelled (shutdown) while it waits for the first
     with pytest.raises(asyncio.CancelledError):
         await task
     assert inspect.getcoroutinestate(not_started) == inspect.CORO_CLOSED and later.cancelled()
+
+
+async def first_body(app: Any, path: str, query: str, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
+    """Call the ASGI app as a server would: the status, and the first body chunk it sends."""
+    sent: list[dict[str, Any]] = []
+    first = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays until the test is done
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            first.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+        "headers": [(b"host", b"tandem.test"), *(headers or [])], "client": ("127.0.0.1", 5000), "server": ("tandem.test", 80),
+    }  # fmt: skip
+    task = asyncio.create_task(app(scope, receive, send))
+    try:
+        await asyncio.wait_for(first.wait(), 5)
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = next(m for m in sent if m["type"] == "http.response.body" and m.get("body"))
+    return start["status"], body["body"]
+
+
+async def test_the_first_events_go_out_with_the_head(settings: Settings, store: Store) -> None:
+    """A connect reads A's first entries with its checks (before its subscription is confirmed):
+    the first body chunk carries them with `meta`, fresh or resumed, nothing repeated."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tandem.test") as c:
+            doc = await create(c)
+        sid = doc["id"]
+        assert await store.start(sid, "a", "test") == "queued"
+        assert await store.start(sid, "b", "test") == "queued"
+        await store.append(sid, "a", ["one ", "two ", "three "])
+        ids = [eid for eid, _ in await store.read(sid, "a", "0-0", 10)]
+        path, query = f"/v1/streams/{sid}/events", f"token={doc['token']}"
+
+        status, body = await first_body(app, path, query)
+        msgs, _ = parse_sse(body)
+        assert status == 200
+        assert [(e, i) for e, i, _ in msgs] == [("meta", None), ("phase", None), *(("delta", f"a-{i}") for i in ids)]
+
+        status, body = await first_body(app, path, query, [(b"last-event-id", f"a-{ids[0]}".encode())])
+        msgs, _ = parse_sse(body)
+        assert status == 200
+        assert [(e, i) for e, i, _ in msgs] == [("meta", None), ("phase", None), *(("delta", f"a-{i}") for i in ids[1:])]

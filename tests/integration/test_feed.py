@@ -100,16 +100,21 @@ async def open_reader(
     b_gap: float = 0.0,
     batch: int = 512,
 ) -> Reader:
-    """What the events route does before it starts the body."""
-    meta = await store.meta(sid)
+    """What the events route does before it starts the body ("early": A's first entries read
+    with the meta, before subscribing; B's state is the feed's first fill's to check)."""
+    early_from = cursor.entry if cursor.source == "a" and READS[0] == "early" else None
+    meta, early = await asyncio.gather(
+        store.meta(sid), store.read_events(sid, "a", early_from, batch) if early_from is not None else asyncio.sleep(0)
+    )
     assert meta is not None
     cursor, a_state, b_state = start_point(cursor, meta)
     pacer = CheckedPacer(slow, b_gap, a_state=a_state, b_state=b_state)
-    feed = Feed(store, sid, cursor, pacer, batch)
-    await hub.subscribe(store.keys.channel(sid), feed)
-    b_state = await store.redis.hget(store.keys.meta(sid), "b_state")  # type: ignore[misc]
-    if b_state is not None and is_terminal(b_state.decode()):
+    if is_terminal(meta.get("b_state")):
         pacer.b_completed()
+    feed = Feed(store, sid, cursor, pacer, batch)
+    if early is not None and cursor.source == "a" and cursor.entry == early_from:
+        feed.prefill(early)
+    await hub.subscribe(store.keys.channel(sid), feed)
     return Reader(feed, pacer)
 
 
@@ -140,6 +145,18 @@ def sends(request: pytest.FixtureRequest) -> Iterator[str]:
     SENDS[0] = request.param
     yield request.param
     SENDS[0] = "task"
+
+
+# ... and with either start of a connection: A's first entries read after the subscription
+# ("late"), or read with the request's checks before it, as the events route does ("early").
+READS = ["late"]
+
+
+@pytest.fixture(autouse=True, params=["late", "early"])
+def reads(request: pytest.FixtureRequest) -> Iterator[str]:
+    READS[0] = request.param
+    yield request.param
+    READS[0] = "late"
 
 
 async def run_reader(
@@ -265,6 +282,58 @@ async def test_fresh_read_of_a_finished_stream(hub: Hub, store: Store) -> None:
     # B had completed: no slow phase, A's history in one go.
     assert reader.phases() == ["flush", "b"]
     assert_shape(reader)
+
+
+async def test_an_entry_appended_before_the_subscription_took_effect(hub: Hub, cstore: CountingStore) -> None:
+    """The events route reads A's first entries with its checks, before its subscription is
+    confirmed: an entry appended in between is announced to no one. The first fill reads after
+    what was read early, so it is neither lost nor sent twice."""
+    store = cstore
+    sid = await running_stream(store)
+    await store.append(sid, "a", ["h1 ", "h2 "])
+    early = await store.read_events(sid, "a", "0-0", 512)
+    # Nobody is subscribed yet: the rest of the stream is announced to no one, so no later
+    # announcement would reveal a gap either.
+    await store.append(sid, "a", ["unheard "])
+    await store.finish(sid, ["a"], done_fields(3))
+    await write(store, sid, "b", 5, seed=4)
+    pacer = CheckedPacer(0.0, 0.0)
+    feed = Feed(store, sid, START, pacer, 512)
+    feed.prefill(early)
+    await hub.subscribe(store.keys.channel(sid), feed)
+    assert [e.data["text"] for e in pacer.pushed] == ["h1 ", "h2 "] and feed.needs_fill()
+    reads = len(store.reads)
+    reader = await run_reader(Reader(feed, pacer), hub, store, sid, within=5.0)
+    assert reader.events() == await expected(store, sid)
+    assert store.reads[reads][:2] == ("a", early[-1].cursor.entry)  # the first fill: after the early read
+    assert_shape(reader)
+
+
+async def test_b_completed_before_the_subscription_is_seen_by_the_first_fill(hub: Hub, cstore: CountingStore) -> None:
+    """B completes between the meta read (running) and the subscription: announced to no one. The
+    first fill reads B's state, even when A's early read filled the pacer and A needs no read, so
+    A's backlog flushes at once instead of at the slow pace."""
+    store = cstore
+    sid = await running_stream(store)
+    await store.append(sid, "a", [f"t{i} " for i in range(12)])
+    meta = await store.meta(sid)
+    assert meta is not None and meta["b_state"] == "running"
+    early = await store.read_events(sid, "a", "0-0", 8)
+    await store.finish(sid, ["b"], done_fields(0))  # nobody is subscribed yet
+    pacer = CheckedPacer(60.0, 0.0)  # while B runs, one A event a minute
+    feed = Feed(store, sid, START, pacer, 8)
+    feed.prefill(early)
+    await hub.subscribe(store.keys.channel(sid), feed)
+    assert pacer.pending("a") == 8 and not pacer.b_complete
+    assert feed.needs_fill(), "B's state is still to be read"
+    reads = len(store.reads)
+    await feed.fill()
+    assert pacer.b_complete and not feed.needs_fill()
+    assert len(store.reads) == reads, "A had a full batch: no read of A"
+    await store.finish(sid, ["a"], done_fields(12))
+    reader = await run_reader(Reader(feed, pacer), hub, store, sid, within=5.0)
+    assert reader.events() == await expected(store, sid)
+    assert reader.phases() == ["flush", "b"]
 
 
 async def test_slow_then_flush_when_b_completes(hub: Hub, store: Store) -> None:
@@ -533,8 +602,11 @@ class GatedStore(CountingStore):
         super().__init__(redis, settings)
         self.when = when
         self.entered, self.gate = asyncio.Event(), asyncio.Event()
+        self.armed = False  # the gate holds reads from here on (not the connection's early read)
 
     async def read(self, stream_id: str, source: Source, after: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        if not self.armed:
+            return await super().read(stream_id, source, after, count)
         self.entered.set()
         if self.when == "before":
             await self.gate.wait()
@@ -554,6 +626,7 @@ async def test_announcements_during_a_read_follow_on_without_another_read(hub: H
     sid = await running_stream(store)
     assert await store.append(sid, "a", ["h1 ", "h2 "]) == 2  # history: the feed starts behind
     reader = await open_reader(hub, store, sid)
+    store.armed, reads_before = True, len(store.reads)
     fill = asyncio.create_task(reader.feed.fill())
     await asyncio.wait_for(store.entered.wait(), 5)
     for i in range(3):
@@ -561,7 +634,7 @@ async def test_announcements_during_a_read_follow_on_without_another_read(hub: H
     await asyncio.sleep(0.2)  # the hub hands the three announcements to the feed meanwhile
     store.gate.set()
     await asyncio.wait_for(fill, 5)
-    assert [r[0] for r in store.reads] == ["a"], "one read"
+    assert [r[0] for r in store.reads[reads_before:]] == ["a"], "one read"
     assert not reader.feed.needs_fill()
     assert [e.data["text"] for e in reader.pacer.pushed] == ["h1 ", "h2 ", "n0 ", "n1 ", "n2 "]
     # And live from here on: the next announcement goes straight to the pacer.
@@ -570,7 +643,7 @@ async def test_announcements_during_a_read_follow_on_without_another_read(hub: H
         await asyncio.sleep(0.01)
         if len(reader.pacer.pushed) == 6:
             break
-    assert [e.data["text"] for e in reader.pacer.pushed][-1] == "n3 " and len(store.reads) == 1
+    assert [e.data["text"] for e in reader.pacer.pushed][-1] == "n3 " and len(store.reads) == reads_before + 1
 
 
 # -- long backlogs: memory stays bounded -------------------------------------------------------
