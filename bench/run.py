@@ -81,7 +81,7 @@ class Params:
 
 SMOKE = Params(
     mode="smoke", throughput_streams=[1, 20], events_per_run=4000, min_tokens=20,
-    paced_streams=20, paced_rate=20, paced_seconds=2.5, paced_ramp_s=0.3, b_delay_ms=(300, 1500), slow_interval_ms=250,
+    paced_streams=20, paced_rate=20, paced_seconds=3.5, paced_ramp_s=0.3, b_delay_ms=(300, 1000), slow_interval_ms=250,
     resume_fraction=0.25, resume_at_s=(1.0, 2.0), resume_gap_s=0.2,
     backlog_tokens=2000, backlog_b_delay_ms=700, backlog_runs=1, open_streams=[200],
 )  # fmt: skip
