@@ -101,7 +101,7 @@ async def open_reader(
 ) -> Reader:
     """What the events route does before it starts the body ("early": A's first entries read
     with the meta, before subscribing; B's state is the feed's first fill's to check)."""
-    early_from = cursor.entry if cursor.source == "a" and READS[0] == "early" else None
+    early_from = cursor.entry if cursor.source == "a" and MODE["reads"] == "early" else None
     meta, early = await asyncio.gather(
         store.meta(sid), store.read_events(sid, "a", early_from, batch) if early_from is not None else asyncio.sleep(0)
     )
@@ -134,28 +134,28 @@ class SinkWriter:
         self.take(body)
 
 
-# Every test here runs twice: the body's task sends everything it yields ("task"), and the hub's
-# callback also writes for a parked stream through a writer ("direct", as under uvicorn).
-SENDS = ["task"]
+# Every test here runs four ways. Sends: the body's task sends everything it yields ("task"), or
+# the hub's callback also writes for a parked stream through a writer ("direct", as under
+# uvicorn). Reads: A's first entries are read after the subscription ("late"), or with the
+# request's checks before it, as the events route does ("early").
+DEFAULT_MODE = {"sends": "task", "reads": "late"}
+MODE = dict(DEFAULT_MODE)
+
+
+def _in_mode(key: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    MODE[key] = request.param
+    yield request.param
+    MODE[key] = DEFAULT_MODE[key]
 
 
 @pytest.fixture(autouse=True, params=["task", "direct"])
 def sends(request: pytest.FixtureRequest) -> Iterator[str]:
-    SENDS[0] = request.param
-    yield request.param
-    SENDS[0] = "task"
-
-
-# ... and with either start of a connection: A's first entries read after the subscription
-# ("late"), or read with the request's checks before it, as the events route does ("early").
-READS = ["late"]
+    yield from _in_mode("sends", request)
 
 
 @pytest.fixture(autouse=True, params=["late", "early"])
 def reads(request: pytest.FixtureRequest) -> Iterator[str]:
-    READS[0] = request.param
-    yield request.param
-    READS[0] = "late"
+    yield from _in_mode("reads", request)
 
 
 async def run_reader(
@@ -180,7 +180,7 @@ async def run_reader(
         reader.messages += [Message(e or "", i, orjson.loads(d), n, now) for e, i, d in msgs]
         n += 1
 
-    if SENDS[0] == "direct":
+    if MODE["sends"] == "direct":
         live.writer = SinkWriter(take)  # type: ignore[assignment]
         if writer is not None:
             writer.append(live.writer)  # type: ignore[arg-type]
