@@ -134,56 +134,76 @@ return written
 """
 )
 
-# KEYS: meta, a, b, lease:a, lease:b, running
-# ARGV: channel, retention_ms, now_ms, stream_id, src, max_events, expected_tokens, texts...
-# Returns the number of texts appended, or -1 when the source is not running (stop producing).
+# The appends of one worker write, for any number of sources, in one call.
+# KEYS: per append: meta, events (of its source)
+# ARGV: max_events, then per append: channel, src, expected_tokens, n, text_1 .. text_n
+# Returns one result per append: the number of texts appended; -1 when the source is not running
+# (stop producing); -2 when Redis lost part of the source (it restarted without its latest
+# writes: the source cannot go on without a gap); -3 - k when k texts fit before the source
+# reached max_events. (The caller ends the source in the last two cases: Store.append_many.) A
+# Redis error for one append (a key of the wrong type) is that append's result; the rest still run.
 # expected_tokens (-1: unchecked) is how many deltas the caller has appended so far: it makes a
-# retried append (its reply lost to a dropped connection) idempotent, and detects a Redis that
-# came back without some of the source's entries; that source cannot go on without a gap.
-_APPEND = (
-    _LUA_PRELUDE
-    + r"""
-local meta, src = KEYS[1], ARGV[5]
-local skey = KEYS[2]
-if src == 'b' then skey = KEYS[3] end
--- One read and one write of the meta hash per call: this runs once per token at 20 tokens/s.
-local st, tokens, events, prev = unpack(redis.call('HMGET', meta, src .. '_state', src .. '_tokens',
-  src .. '_events', src .. '_last'))
-if st ~= 'running' then return -1 end
-tokens, events, prev = tonumber(tokens or '0'), tonumber(events or '0'), prev or '0-0'
-local n = #ARGV - 7
-local expected = tonumber(ARGV[7])
-if expected >= 0 then
-  if tokens == expected + n then return n end
-  if tokens ~= expected then
-    end_source(src, 'worker_lost', 'Redis lost part of this source (it restarted without its latest writes)')
-    return -1
+# retried write (its reply lost to a dropped connection) idempotent, and detects the lost writes.
+# This runs once per token at 20 tokens/s a source, so it does no more than it must: per append
+# one HMGET, the XADDs, one HSET and one PUBLISH; the announcement's JSON is put together here
+# rather than by cjson (encoding a table took more time than the XADD). One call per write, not
+# one per source: the script call itself (its setup, its arguments as Lua tables, its reply) cost
+# Redis as much as an append's commands. A write spans many streams' keys, so it needs one
+# Redis, not a Cluster (README, "Redis layout").
+_APPEND = r"""
+local max_events = tonumber(ARGV[1])
+local fields = {a = {'a_state', 'a_tokens', 'a_events', 'a_last'}, b = {'b_state', 'b_tokens', 'b_events', 'b_last'}}
+local results = {}
+local at = 2
+for k = 1, #KEYS, 2 do
+  local meta, skey = KEYS[k], KEYS[k + 1]
+  local channel, src, expected, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  local first = at + 4
+  at = first + n
+  local f = fields[src]
+  local result
+  local row = redis.pcall('HMGET', meta, f[1], f[2], f[3], f[4])
+  if row.err then
+    result = row
+  elseif row[1] ~= 'running' then
+    result = -1
+  else
+    local tokens, events, prev = tonumber(row[2] or '0'), tonumber(row[3] or '0'), row[4] or '0-0'
+    local take = max_events - 1 - events
+    if take > n then take = n end
+    if expected >= 0 and tokens ~= expected then
+      if tokens == expected + n then
+        result = n  -- a retry of a write that was applied
+      elseif tokens > expected and tokens < expected + n and events >= max_events - 1 then
+        result = -3 - (tokens - expected)  -- a retry of a write that reached the limit
+      else
+        result = -2
+      end
+    elseif take <= 0 then
+      result = -3
+    else
+      local last = redis.pcall('XADD', skey, '*', 'type', 'delta', 'text', ARGV[first])
+      if type(last) == 'table' then
+        result = last
+      else
+        local entries = {'["' .. last .. '",["type","delta","text",' .. cjson.encode(ARGV[first]) .. ']]'}
+        for i = 2, take do
+          local text = ARGV[first + i - 1]
+          last = redis.call('XADD', skey, '*', 'type', 'delta', 'text', text)
+          entries[i] = '["' .. last .. '",["type","delta","text",' .. cjson.encode(text) .. ']]'
+        end
+        if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', meta)) end
+        redis.call('HSET', meta, f[4], last, f[3], events + take, f[2], tokens + take)
+        -- The shape `announce` publishes (see the prelude).
+        redis.call('PUBLISH', channel, '{"s":"' .. src .. '","p":"' .. prev .. '","e":[' .. table.concat(entries, ',') .. ']}')
+        if take < n then result = -3 - take else result = take end
+      end
+    end
   end
+  results[#results + 1] = result
 end
-local room = tonumber(ARGV[6]) - 1 - events
-local take = n
-if take > room then take = room end
-if take > 0 then
-  local out = {}
-  local last = prev
-  for i = 1, take do
-    local text = ARGV[7 + i]
-    last = redis.call('XADD', skey, '*', 'type', 'delta', 'text', text)
-    out[i] = {last, {'type', 'delta', 'text', text}}
-  end
-  if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', meta)) end
-  redis.call('HSET', meta, src .. '_last', last, src .. '_events', events + take, src .. '_tokens', tokens + take)
-  announce(ARGV[1], src, prev, out)
-else
-  take = 0
-end
-if take < n then
-  end_source(src, 'too_long', 'source reached the limit of ' .. ARGV[6] .. ' events (TANDEM_MAX_SOURCE_EVENTS)')
-  return -1
-end
-return take
+return results
 """
-)
 
 # KEYS: meta, running, lease(src), arq queue, arq job key, arq retry key
 # ARGV: src, worker, lease_deadline_ms, stream_id, now_ms, lease_ttl_ms, job_id
@@ -307,7 +327,7 @@ class Store:
         self._renew = redis.register_script(_RENEW)
         self._reap = redis.register_script(_REAP)
         self.lease_ttl_ms = max(1, int(settings.lease_s * LEASE_TTL_FRACTION * 1000))
-        self._append_parts: dict[tuple[str, Source], tuple[int, bytes, bytes]] = {}  # _packed_append
+        self._append_parts: dict[tuple[str, Source], tuple[bytes, bytes]] = {}  # _packed_appends
 
     # -- create --------------------------------------------------------------------------------
 
@@ -484,50 +504,89 @@ class Store:
 
         `expected`: how many deltas this caller appended before; with it, retrying an append whose
         reply was lost does not write it twice."""
-        return cast(int, await self._append(keys=self._append_keys(stream_id), args=self._append_args(stream_id, source, texts, expected)))
+        (result,) = await self.append_many([(stream_id, source, texts, expected)])
+        if isinstance(result, ResponseError):
+            raise result
+        return result
 
     async def append_many(self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = ()) -> list[int | ResponseError]:
-        """Many appends (each to its own source) in one round trip: workers/pipe.py writes every
-        running source's buffered tokens this way. Per call, what `append` returns, or the error
-        Redis answered for that call alone; then, per renewal, what `renew` returns (lease
-        renewals ride along: a round trip of its own costs a worker ~90 us of CPU on a 2-core
-        machine, and a thousand running sources renew 500 times a second). A connection error
-        raises: `expected` makes the whole batch safe to retry, and a renewal is repeatable.
+        """Many appends (each to its own source) in one round trip and one script call: workers/pipe.py
+        writes every running source's buffered tokens this way. Per call, what `append` returns,
+        or the error Redis answered for that call alone; then, per renewal, what `renew` returns
+        (lease renewals ride along: a round trip of its own costs a worker ~90 us of CPU on a
+        2-core machine, and a thousand running sources renew 500 times a second). A connection
+        error raises: `expected` makes the whole batch safe to retry, and a renewal is repeatable.
 
-        This is the hottest path of a worker (a thousand paced sources: one call per token), so it
-        skips what a redis-py pipeline costs per batch and per command: the EVALSHAs are packed by
-        hiredis in C and written on one pooled connection, without the pipeline's SCRIPT EXISTS
+        This is the hottest path of a worker (a thousand paced sources: one append per token), so
+        it skips what a redis-py pipeline costs per batch and per command: the EVALSHAs are packed
+        by hiredis in C and written on one pooled connection, without the pipeline's SCRIPT EXISTS
         round trip. A NOSCRIPT (Redis restarted and forgot the script) loads it and writes again.
+        A source that reached TANDEM_MAX_SOURCE_EVENTS, or whose entries Redis lost, is ended here
+        (`too_long`, `worker_lost`) and answers -1.
         """
         now = now_ms()
         payload = b"".join([
-            *(self._packed_append(sid, src, texts, expected, now) for sid, src, texts, expected in calls),
+            *((self._packed_appends(calls),) if calls else ()),
             *(pack_command(cast(Any, ("EVALSHA", self._renew.sha, *self._renew_command(*r, now)))) for r in renewals),
         ])  # fmt: skip
         for attempt in (1, 2):
-            replies = await self._pipelined(payload, len(calls) + len(renewals))
+            replies = await self._pipelined(payload, (1 if calls else 0) + len(renewals))
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 await self.redis.script_load(_APPEND)
                 await self.redis.script_load(_RENEW)
                 continue  # the calls that did run answer the same again (`expected`; a renewal is repeatable)
             break
-        return [r if isinstance(r, ResponseError) else int(r) for r in replies]
+        appended: list[Any] = []
+        if calls:
+            first = replies.pop(0)
+            appended = first if isinstance(first, list) else [first] * len(calls)  # an error for the whole script
+        results: list[int | ResponseError] = []
+        for (stream_id, source, _, _), r in zip(calls, appended, strict=True):
+            if isinstance(r, ResponseError):
+                results.append(r)
+            elif r >= -1:
+                results.append(int(r))
+            else:
+                await self._end_appending(stream_id, source, int(r))
+                results.append(-1)
+        return results + [r if isinstance(r, ResponseError) else int(r) for r in replies]
 
-    def _packed_append(self, stream_id: str, source: Source, texts: Sequence[str], expected: int | None, now: int) -> bytes:
-        """One append's EVALSHA in RESP, as `pack_command` would write it. Of its arguments only
-        the time, `expected` and the texts change from call to call: the keys and the rest are
-        packed once per source (naming six keys took longer than packing the whole command)."""
-        parts = self._append_parts.get((stream_id, source))
-        if parts is None:
-            if len(self._append_parts) >= APPEND_PARTS_CACHED:
-                self._append_parts.clear()  # running sources re-pack theirs at their next append
-            head: tuple[str | int, ...] = ("EVALSHA", self._append.sha, 6, *self._append_keys(stream_id), self.keys.channel(stream_id),
-                    self.settings.retention_s * 1000)  # fmt: skip
-            tail = (stream_id, source, self.settings.max_source_events)
-            fixed = len(head) + 1 + len(tail) + 1  # with the time and `expected` (see _append_args)
-            parts = self._append_parts[(stream_id, source)] = (fixed, _bulks(head), _bulks(tail))
-        fixed, head_b, tail_b = parts
-        return b"".join((b"*%d\r\n" % (fixed + len(texts)), head_b, _bulks((now,)), tail_b, _bulks((-1 if expected is None else expected, *texts))))
+    async def _end_appending(self, stream_id: str, source: Source, code: int) -> None:
+        """End a source the append script refused to go on with (-2: Redis lost part of it; -3 - k:
+        it reached TANDEM_MAX_SOURCE_EVENTS). Repeatable, like the append: `finish` writes one
+        terminal entry at most."""
+        if code == -2:
+            fields = error_fields("worker_lost", "Redis lost part of this source (it restarted without its latest writes)")
+        else:
+            limit = self.settings.max_source_events
+            fields = error_fields("too_long", f"source reached the limit of {limit} events (TANDEM_MAX_SOURCE_EVENTS)")
+        await self.finish(stream_id, [source], fields)
+
+    def _packed_appends(self, calls: Sequence[AppendCall]) -> bytes:
+        """The append script's EVALSHA for `calls`, in RESP, as `pack_command` would write it. Of an
+        append's arguments only `expected` and the texts change from write to write: its keys,
+        channel and source are packed once per source (naming them took longer than packing the
+        rest)."""
+        keys: list[bytes] = []
+        argv: list[bytes] = []
+        n_args = 0
+        for stream_id, source, texts, expected in calls:
+            parts = self._append_parts.get((stream_id, source))
+            if parts is None:
+                if len(self._append_parts) >= APPEND_PARTS_CACHED:
+                    self._append_parts.clear()  # running sources re-pack theirs at their next append
+                k = self.keys
+                parts = self._append_parts[(stream_id, source)] = (
+                    _bulks((k.meta(stream_id), k.events(stream_id, source))),
+                    _bulks((k.channel(stream_id), source)),
+                )
+            keys.append(parts[0])
+            argv.append(parts[1])
+            argv.append(_bulks((-1 if expected is None else expected, len(texts), *texts)))
+            n_args += 4 + len(texts)
+        n_keys = 2 * len(calls)
+        head = b"*%d\r\n" % (3 + n_keys + 1 + n_args) + _bulks(("EVALSHA", self._append.sha, n_keys))
+        return b"".join((head, *keys, _bulks((self.settings.max_source_events,)), *argv))
 
     async def _pipelined(self, payload: bytes, n: int) -> list[Any]:
         pool = self.redis.connection_pool
@@ -540,13 +599,6 @@ class Store:
             raise
         finally:
             await pool.release(conn)
-
-    def _append_keys(self, stream_id: str) -> list[str]:
-        return [self.keys.meta(stream_id), *self._expiring(stream_id), self.keys.running]
-
-    def _append_args(self, stream_id: str, source: Source, texts: Sequence[str], expected: int | None) -> list[str | int]:
-        return [self.keys.channel(stream_id), self.settings.retention_s * 1000, now_ms(), stream_id, source,
-                self.settings.max_source_events, -1 if expected is None else expected, *texts]
 
     async def renew(self, stream_id: str, source: Source, worker: str) -> int:
         """Extend this worker's lease on a running source. 1: renewed; 0: the source is not running

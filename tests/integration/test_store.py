@@ -240,11 +240,12 @@ async def test_append_many_after_redis_forgot_the_script(store: Store, redis: Re
 
 
 def test_packed_appends_are_what_pack_command_writes(store: Store) -> None:
-    for sid, src, texts, expected in [("s1", "a", ["x"], 0), ("s1", "a", ["é\n", "", "two words"], 7), ("s-2", "b", ["y"], None)]:
-        args = store._append_args(sid, src, texts, expected)  # type: ignore[arg-type]
-        args[2] = 1_700_000_000_123  # now_ms
-        want = pack_command(("EVALSHA", store._append.sha, 6, *store._append_keys(sid), *args))
-        assert store._packed_append(sid, src, texts, expected, 1_700_000_000_123) == want  # type: ignore[arg-type]
+    calls = [("s1", "a", ["x"], 0), ("s1", "a", ["é\n", "", "two words"], 7), ("s-2", "b", ["y"], None)]
+    for batch in (calls[:1], calls):
+        keys = [k for sid, src, _, _ in batch for k in (store.keys.meta(sid), store.keys.events(sid, src))]  # type: ignore[arg-type]
+        argv = [x for sid, src, texts, exp in batch for x in (store.keys.channel(sid), src, -1 if exp is None else exp, len(texts), *texts)]
+        want = pack_command(("EVALSHA", store._append.sha, len(keys), *keys, store.settings.max_source_events, *argv))
+        assert store._packed_appends(batch) == want  # type: ignore[arg-type]
 
 
 async def test_append_many_reads_every_reply_of_a_large_batch(store: Store) -> None:
@@ -419,6 +420,20 @@ async def test_too_long_at_max_source_events(store: Store, redis: Redis) -> None
     meta = await store.meta(sid)
     assert meta is not None and meta["b_state"] == "failed" and meta["status"] == "failed"
     assert 0 < await redis.pttl(store.keys.meta(sid)) <= store.settings.retention_s * 1000
+
+
+async def test_too_long_when_the_retried_write_had_reached_the_limit(store: Store, redis: Redis) -> None:
+    """A write that reached the limit, whose reply (and so the `too_long` that follows it) was lost
+    to a dropped connection: its retry ends the source with `too_long`, not as a gap."""
+    store = Store(redis, with_settings(store.settings, max_source_events=5))
+    sid = await running_stream(store)
+    assert await store.append(sid, "a", ["1", "2", "3"], expected=0) == 3
+    k = store.keys
+    args = [5, k.channel(sid), "a", 3, 3, "4", "5", "6"]
+    assert await store._append(keys=[k.meta(sid), k.events(sid, "a")], args=args) == [-4]  # one fitted; not ended yet
+    assert await store.append(sid, "a", ["4", "5", "6"], expected=3) == -1  # the retry
+    rows = await entries(store, sid, "a")
+    assert [f.get("text", f.get("code")) for _, f in rows] == ["1", "2", "3", "4", "too_long"]
 
 
 async def test_too_long_when_exactly_full(store: Store, redis: Redis) -> None:
