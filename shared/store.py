@@ -283,7 +283,7 @@ return 1
 # A lease lives this fraction of TANDEM_LEASE_S: with renewals every lease_s/5 and a sweep every
 # lease_s/5 (workers/lease.py), a dead worker's source ends at most 0.9 * lease_s after it died.
 LEASE_TTL_FRACTION = 0.7
-APPEND_PARTS_CACHED = 20_000  # sources whose packed append arguments a Store keeps (a few hundred bytes each)
+APPEND_PARTS_CACHED = 20_000  # sources whose append keys a Store keeps named (a few hundred bytes each)
 
 
 Command = tuple[str | bytes | int | float, ...]  # one Redis command, as its arguments
@@ -327,7 +327,7 @@ class Store:
         self._renew = redis.register_script(_RENEW)
         self._reap = redis.register_script(_REAP)
         self.lease_ttl_ms = max(1, int(settings.lease_s * LEASE_TTL_FRACTION * 1000))
-        self._append_parts: dict[tuple[str, Source], tuple[bytes, bytes]] = {}  # _packed_appends
+        self._append_parts: dict[tuple[str, Source], tuple[tuple[str, str], tuple[str, str]]] = {}  # _packed_appends
 
     # -- create --------------------------------------------------------------------------------
 
@@ -563,30 +563,24 @@ class Store:
         await self.finish(stream_id, [source], fields)
 
     def _packed_appends(self, calls: Sequence[AppendCall]) -> bytes:
-        """The append script's EVALSHA for `calls`, in RESP, as `pack_command` would write it. Of an
-        append's arguments only `expected` and the texts change from write to write: its keys,
-        channel and source are packed once per source (naming them took longer than packing the
-        rest)."""
-        keys: list[bytes] = []
-        argv: list[bytes] = []
-        n_args = 0
+        """The append script's EVALSHA for `calls`, packed by hiredis in one call. An append's
+        keys, channel and source are named once per source (naming them took longer than packing
+        the whole command)."""
+        keys: list[str] = []
+        argv: list[str | int] = [self.settings.max_source_events]
         for stream_id, source, texts, expected in calls:
-            parts = self._append_parts.get((stream_id, source))
-            if parts is None:
+            named = self._append_parts.get((stream_id, source))
+            if named is None:
                 if len(self._append_parts) >= APPEND_PARTS_CACHED:
-                    self._append_parts.clear()  # running sources re-pack theirs at their next append
+                    self._append_parts.clear()  # running sources name theirs again at their next append
                 k = self.keys
-                parts = self._append_parts[(stream_id, source)] = (
-                    _bulks((k.meta(stream_id), k.events(stream_id, source))),
-                    _bulks((k.channel(stream_id), source)),
-                )
-            keys.append(parts[0])
-            argv.append(parts[1])
-            argv.append(_bulks((-1 if expected is None else expected, len(texts), *texts)))
-            n_args += 4 + len(texts)
-        n_keys = 2 * len(calls)
-        head = b"*%d\r\n" % (3 + n_keys + 1 + n_args) + _bulks(("EVALSHA", self._append.sha, n_keys))
-        return b"".join((head, *keys, _bulks((self.settings.max_source_events,)), *argv))
+                named = self._append_parts[(stream_id, source)] = ((k.meta(stream_id), k.events(stream_id, source)), (k.channel(stream_id), source))
+            keys += named[0]
+            argv += named[1]
+            argv.append(-1 if expected is None else expected)
+            argv.append(len(texts))
+            argv += texts
+        return cast(bytes, pack_command(cast(Any, ("EVALSHA", self._append.sha, len(keys), *keys, *argv))))
 
     async def _pipelined(self, payload: bytes, n: int) -> list[Any]:
         pool = self.redis.connection_pool
@@ -696,12 +690,6 @@ class Store:
 def _after(entry_id: str) -> str:
     """XRANGE's start for "strictly after `entry_id`" ("0-0": from the first entry)."""
     return f"({entry_id}" if entry_id != "0-0" else "-"
-
-
-def _bulks(args: Sequence[str | int]) -> bytes:
-    """`args` as RESP bulk strings, without the array header `pack_command` starts with."""
-    packed: bytes = pack_command(cast(Any, tuple(args)))
-    return packed[packed.index(b"\r\n") + 2 :]
 
 
 async def _read_replies(conn: AbstractConnection, n: int) -> list[Any]:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class Appender:
-    __slots__ = ("_buf", "_error", "_idle", "_inflight", "_max_batch", "_pipe", "_queued", "appended", "source", "stopped", "stream_id")
+    __slots__ = ("_buf", "_error", "_inflight", "_max_batch", "_pipe", "_queued", "_waiter", "appended", "source", "stopped", "stream_id")
 
     def __init__(self, pipe: AppendPipe, stream_id: str, source: Source, max_batch: int) -> None:
         self._pipe = pipe
@@ -33,36 +33,44 @@ class Appender:
         self._buf: list[str] = []
         self._queued = False  # waiting in the pipe's ready set
         self._inflight = False  # a batch of ours is being written
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._waiter: asyncio.Future[None] | None = None  # someone waits for everything to be written
         self._error: BaseException | None = None
         self.appended = 0
         self.stopped = False  # the source is no longer running (cancelled, too long, lost)
 
-    async def add(self, text: str) -> bool:
-        """Queue one chunk. False once the source has stopped: the caller stops producing."""
+    def add(self, text: str) -> bool:
+        """Queue one chunk. False once the source has stopped: the caller stops producing. When
+        `backlogged` afterwards, the caller awaits `wait_written` before the next one. (Not a
+        coroutine: this runs once per token, and most calls have nothing to wait for.)"""
         if self._error is not None:
             raise self._error
         if self.stopped:
             return False
-        self._buf.append(text)
-        self._idle.clear()
-        if len(self._buf) == self._max_batch:
+        buf = self._buf
+        buf.append(text)
+        if len(buf) == self._max_batch:
             self._pipe.hurry()
         if not self._queued and not self._inflight:
             self._queued = True
             self._pipe.want(self)
-        if len(self._buf) >= self._max_batch * 4:
-            await self._idle.wait()  # backpressure: the producer is faster than Redis
-            if self._error is not None:
-                raise self._error
-        return not self.stopped
+        return True
 
-    async def close(self) -> None:
-        """Wait until everything queued is appended (or the source stopped)."""
-        await self._idle.wait()
+    @property
+    def backlogged(self) -> bool:
+        """The producer is faster than Redis: four batches are buffered."""
+        return len(self._buf) >= self._max_batch * 4
+
+    async def wait_written(self) -> None:
+        """Wait until everything queued is appended (or the source stopped); raises what the
+        writes raised."""
+        if self._buf or self._inflight:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
         if self._error is not None:
             raise self._error
+
+    close = wait_written  # (the source is done: wait for its last batch)
 
     # -- called by the pipe ----------------------------------------------------------------------
 
@@ -88,5 +96,7 @@ class Appender:
         if self._buf:
             self._queued = True
             return True
-        self._idle.set()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         return False

@@ -120,8 +120,11 @@ async def _produce(task: Task[Any], meta: dict[str, str], src: Source, tctx: Tas
         try:
             async with deadline:
                 async for chunk in gen:
-                    if chunk and not await appender.add(chunk):
-                        break
+                    if chunk:
+                        if not appender.add(chunk):
+                            break
+                        if appender.backlogged:
+                            await appender.wait_written()  # backpressure: the task is faster than Redis
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         await appender.close()

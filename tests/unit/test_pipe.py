@@ -48,7 +48,7 @@ async def produce(pipe: AppendPipe, sources: int, tokens: int, every_s: float) -
     appenders = [pipe.appender(f"s{i}", "a", 256) for i in range(sources)]
     for t in range(tokens):
         for ap in appenders:
-            assert await ap.add(f"{t} ")
+            assert ap.add(f"{t} ")
         await asyncio.sleep(every_s)
     for ap in appenders:
         await ap.close()
@@ -72,7 +72,7 @@ async def test_the_first_write_after_a_quiet_spell_goes_out_at_once() -> None:
     store = RecordingStore()
     async with running(store, window_s=3600.0) as pipe:  # a window no test would wait out
         ap = pipe.appender("s", "a", 256)
-        await ap.add("hello ")
+        ap.add("hello ")
         await asyncio.wait_for(ap.close(), 10)
     assert store.written == {("s", "a"): ["hello "]}
 
@@ -89,9 +89,9 @@ async def test_lease_renewals_ride_along_with_the_appends() -> None:
     store = RecordingStore()
     async with running(store, window_s=0.05) as pipe:
         ap = pipe.appender("s", "a", 256)
-        await ap.add("first ")  # written at once; the window starts
+        ap.add("first ")  # written at once; the window starts
         await asyncio.sleep(0)
-        await ap.add("second ")
+        ap.add("second ")
         renewed = await asyncio.gather(pipe.renew("s", "a", "w1"), pipe.renew("t", "b", "w1"))
         await ap.close()
         assert renewed == [1, 1]
@@ -129,7 +129,29 @@ async def test_a_source_with_a_whole_batch_buffered_does_not_wait_for_the_window
     async with running(store, window_s=3600.0) as pipe:  # a window no test would wait out
         ap = pipe.appender("s", "a", 8)
         for i in range(32):  # flat out (no await in between): 4 whole batches of 8
-            await ap.add(f"{i} ")
+            ap.add(f"{i} ")
         await asyncio.wait_for(ap.close(), 10)  # would hang behind the window
     assert store.written == {("s", "a"): [f"{i} " for i in range(32)]}
     assert [len(texts) for _, calls in store.writes for _, _, texts, _ in calls] == [8, 8, 8, 8]
+
+
+async def test_a_producer_faster_than_redis_waits_once_four_batches_are_buffered() -> None:
+    store = RecordingStore()
+    async with running(store) as pipe:
+        ap = pipe.appender("s", "a", 4)
+        for i in range(15):
+            ap.add(f"{i} ")  # nothing has been written yet: no await in between
+        assert not ap.backlogged
+        ap.add("15 ")
+        assert ap.backlogged  # 16 = 4 batches of 4: the producer waits for the writes
+        await asyncio.wait_for(ap.wait_written(), 10)
+        assert not ap.backlogged and ap.appended == 16
+        # A stopped source (cancelled, too long) answers False; a write error is raised to the producer.
+        ap.applied(-1)
+        assert ap.add("late ") is False
+        failing = pipe.appender("t", "a", 4)
+        failing.applied(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            failing.add("x")
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing.wait_written()

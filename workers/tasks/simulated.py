@@ -40,10 +40,11 @@ async def simulated(prompt: str, options: SimulatedOptions, ctx: TaskContext) ->
     loop = asyncio.get_running_loop()
     # An absolute schedule, so N tokens take N intervals however long each append took.
     start = loop.time() + options.delay_ms / 1000
+    interval, fail_after = options.interval_ms / 1000, options.fail_after
     for i, token in enumerate(tokens):
-        if options.fail_after is not None and i >= options.fail_after:
+        if fail_after is not None and i >= fail_after:
             raise TaskError("task_failed", f"simulated failure after {i} tokens")
-        delay = start + i * options.interval_ms / 1000 - loop.time()
+        delay = start + i * interval - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         yield token
