@@ -80,13 +80,17 @@ class Feed:
 
     def on_announcement(self, ann: Announcement) -> None:
         src = ann.source
-        st = self._st(src)
+        st = self._a if src == "a" else self._b
         if st.closed:
             return
         events = ann.events
-        if src == "b" and not self.pacer.b_complete and events and events[-1].terminal:
-            self.pacer.b_completed()
-            self.b_completed_at = time.perf_counter()  # not loop.time(): uvloop's has 1 ms resolution
+        if src == "a":
+            wanted = True
+        else:
+            if not self.pacer.b_complete and events and events[-1].terminal:
+                self.pacer.b_completed()
+                self.b_completed_at = time.perf_counter()  # not loop.time(): uvloop's has 1 ms resolution
+            wanted = self.pacer.a_finished
         if st.reading:
             if st.stash is None:
                 st.stash = []
@@ -94,16 +98,15 @@ class Feed:
                 st.stash.append(ann)
             else:
                 st.dirty = True  # too many to keep: read again after this read
-        elif st.behind or not self._wanted(src):
+        elif st.behind or not wanted:
             st.behind = True
         else:
-            self._chain(src, ann)
+            self._chain(st, ann)
         self.notify()
 
-    def _chain(self, src: Source, ann: Announcement) -> bool:
+    def _chain(self, st: SourceState, ann: Announcement) -> bool:
         """Take what `ann` adds after `after`. False, and the source is behind, when it leaves a gap
         or the pacer is full (those entries are read from Redis later)."""
-        st = self._st(src)
         after = st.after
         events = ann.events
         if ann.prev != after:
@@ -117,10 +120,10 @@ class Feed:
             else:
                 st.behind = True  # a gap: announcements were missed (or this one is not ours)
                 return False
-        if self.pacer.pending(src) + len(events) > self._batch:
+        if self.pacer.pending(ann.source) + len(events) > self._batch:
             st.behind = True  # the pacer is full: read these later, from Redis
             return False
-        self._take(src, events)
+        self._take(st, events)
         return True
 
     def on_resync(self) -> None:
@@ -134,15 +137,16 @@ class Feed:
     def prefill(self, events: list[Event]) -> None:
         """A's entries after the connection's cursor, read before the subscription was confirmed:
         to the pacer at once. A stays behind: the first fill reads what follows them."""
-        self._take("a", events)
+        self._take(self._a, events)
 
     def needs_fill(self) -> bool:
-        half = (self._batch + 1) // 2
-        return (
-            self._check_b
-            or (self._a.behind and self._wanted("a") and self.pacer.pending("a") < half)
-            or (self._b.behind and self._wanted("b") and self.pacer.pending("b") < half)
-        )
+        # (Asked twice per live event: written out rather than with `_wanted`.)
+        if self._check_b:
+            return True
+        a, b, pacer, half = self._a, self._b, self.pacer, (self._batch + 1) // 2
+        if a.behind and not a.closed and pacer.pending("a") < half:
+            return True
+        return b.behind and not b.closed and pacer.a_finished and pacer.pending("b") < half
 
     async def fill(self) -> None:
         """Catch up from Redis where behind, for the sources the pacer wants now (the first time,
@@ -171,19 +175,19 @@ class Feed:
                 finally:
                     st.reading = False
                     stash, st.stash = st.stash or (), None
-                self._take(src, events)
-                if len(events) < room and not st.dirty and all(self._chain(src, ann) for ann in stash):
+                self._take(st, events)
+                if len(events) < room and not st.dirty and all(self._chain(st, ann) for ann in stash):
                     # Read to the end, and what was announced meanwhile follows on: live from here on.
                     st.behind = False
 
-    def _take(self, src: Source, events: list[Event]) -> None:
-        st = self._st(src)
+    def _take(self, st: SourceState, events: list[Event]) -> None:
+        push = self.pacer.push
         for event in events:
             if st.closed:
                 return
-            self.pacer.push(event)
+            push(event)
             st.after = event.cursor.entry
-            if event.terminal:
+            if event.kind != "delta" and event.terminal:
                 st.closed = True
 
 

@@ -139,26 +139,33 @@ class Pacer:
         out: list[Item] = []
         n = 0
         while not self.finished and n < limit:
-            if self._a_state is not None and self._b_state is not None:
+            if self._a_state is None:
+                # A's events: this runs for nearly every event a connection sends, so the queue
+                # is read in place and a delta costs no method call but the pop.
+                self._enter("flush" if self._b_complete else "slow", out)
+                a = self._a
+                items = a._items
+                paced = not self._b_complete and self.slow_interval > 0
+                while n < limit:
+                    if a._head == len(items):
+                        return out, None
+                    head = items[a._head]
+                    delta = head.kind == "delta"
+                    if paced and delta:
+                        if now < self._next_a:
+                            return out, self._next_a
+                        self._next_a = now + self.slow_interval
+                    a.popleft()
+                    out.append(head)
+                    n += 1
+                    if not delta and head.terminal:
+                        self._a_state = state_after_event(head)
+                        # B's events may not be loaded yet: let the caller read them before
+                        # deciding between "waiting" and "b".
+                        return out, now
+            elif self._b_state is not None:
                 out.append(end_event(final_status(self._a_state, self._b_state)))
                 self.finished = True
-            elif self._a_state is None:
-                self._enter("flush" if self._b_complete else "slow", out)
-                if not self._a:
-                    return out, None
-                head = self._a.peek()
-                if head.kind == "delta" and not self._b_complete and self.slow_interval > 0:
-                    if now < self._next_a:
-                        return out, self._next_a
-                    self._next_a = now + self.slow_interval
-                self._a.popleft()
-                out.append(head)
-                n += 1
-                if head.terminal:
-                    self._a_state = state_after_event(head)
-                    # B's events may not be loaded yet: let the caller read them before deciding
-                    # between "waiting" and "b".
-                    return out, now
             else:
                 if not self._b:
                     self._enter("waiting" if self._phase != "b" else "b", out)
