@@ -24,7 +24,7 @@ from collections.abc import Callable
 from shared.background import settled
 from shared.cursor import Cursor, entry_key
 from shared.events import Announcement, Event
-from shared.keys import SOURCES, Source
+from shared.keys import SOURCES
 from shared.pacing import Pacer
 from shared.store import Store, is_terminal
 from shared.waker import Waker

@@ -136,68 +136,57 @@ return written
 
 # The appends of one worker write, for any number of sources, in one call.
 # KEYS: per append: meta, events (of its source)
-# ARGV: max_events, then per append: channel, src, expected_tokens, n, text_1 .. text_n
-# Returns one result per append: the number of texts appended; -1 when the source is not running
-# (stop producing); -2 when Redis lost part of the source (it restarted without its latest
-# writes: the source cannot go on without a gap); -3 - k when k texts fit before the source
-# reached max_events. (The caller ends the source in the last two cases: Store.append_many.) A
-# Redis error for one append (a key of the wrong type) is that append's result; the rest still run.
-# expected_tokens (-1: unchecked) is how many deltas the caller has appended so far: it makes a
-# retried write (its reply lost to a dropped connection) idempotent, and detects the lost writes.
+# ARGV: per append: channel, src, expected, after, n, text_1 .. text_n
+# `expected` is how many deltas the caller has appended to the source so far and `after` that
+# count plus n: a retried write (its reply lost to a dropped connection) finds the source at
+# `after` and writes nothing again, and a source at neither count lost writes (Redis restarted
+# without them) and cannot go on without a gap. The caller keeps a source within
+# TANDEM_MAX_SOURCE_EVENTS (while a source runs, its entries are its deltas: events = tokens).
+# Returns one result per append: n (appended, or appended before); -1 when the source is not
+# running (stop producing); -2 for lost writes (the caller ends the source: Store.append_many).
+# A Redis error for one append (a key of the wrong type) is that append's result; the rest run.
 # This runs once per token at 20 tokens/s a source, so it does no more than it must: per append
-# one HMGET, the XADDs, one HSET and one PUBLISH; the announcement's JSON is put together here
-# rather than by cjson (encoding a table took more time than the XADD). One call per write, not
-# one per source: the script call itself (its setup, its arguments as Lua tables, its reply) cost
-# Redis as much as an append's commands. A write spans many streams' keys, so it needs one
-# Redis, not a Cluster (README, "Redis layout").
+# one HMGET, the XADDs, one HSET and one PUBLISH, and no number (the counts are compared and
+# written as the caller's strings); the announcement's JSON is put together here, not by cjson
+# (encoding a table took more time than the XADD). One call per write, not one per source: the
+# script call itself (its setup, its arguments as Lua tables, its reply) cost Redis as much as an
+# append's commands. A write spans many streams' keys, so it needs one Redis, not a Cluster
+# (README, "Redis layout").
 _APPEND = r"""
-local max_events = tonumber(ARGV[1])
-local fields = {a = {'a_state', 'a_tokens', 'a_events', 'a_last'}, b = {'b_state', 'b_tokens', 'b_events', 'b_last'}}
+local fields = {a = {'a_state', 'a_tokens', 'a_last', 'a_events'}, b = {'b_state', 'b_tokens', 'b_last', 'b_events'}}
 local results = {}
-local at = 2
+local at = 1
 for k = 1, #KEYS, 2 do
   local meta, skey = KEYS[k], KEYS[k + 1]
-  local channel, src, expected, n = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  local first = at + 4
+  local channel, src, expected, after, n = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4])
+  local first = at + 5
   at = first + n
   local f = fields[src]
   local result
-  local row = redis.pcall('HMGET', meta, f[1], f[2], f[3], f[4])
+  local row = redis.pcall('HMGET', meta, f[1], f[2], f[3])
   if row.err then
     result = row
   elseif row[1] ~= 'running' then
     result = -1
+  elseif row[2] ~= expected then
+    if row[2] == after then result = n else result = -2 end
   else
-    local tokens, events, prev = tonumber(row[2] or '0'), tonumber(row[3] or '0'), row[4] or '0-0'
-    local take = max_events - 1 - events
-    if take > n then take = n end
-    if expected >= 0 and tokens ~= expected then
-      if tokens == expected + n then
-        result = n  -- a retry of a write that was applied
-      elseif tokens > expected and tokens < expected + n and events >= max_events - 1 then
-        result = -3 - (tokens - expected)  -- a retry of a write that reached the limit
-      else
-        result = -2
-      end
-    elseif take <= 0 then
-      result = -3
+    local prev = row[3] or '0-0'
+    local last = redis.pcall('XADD', skey, '*', 'type', 'delta', 'text', ARGV[first])
+    if type(last) == 'table' then
+      result = last
     else
-      local last = redis.pcall('XADD', skey, '*', 'type', 'delta', 'text', ARGV[first])
-      if type(last) == 'table' then
-        result = last
-      else
-        local entries = {'["' .. last .. '",["type","delta","text",' .. cjson.encode(ARGV[first]) .. ']]'}
-        for i = 2, take do
-          local text = ARGV[first + i - 1]
-          last = redis.call('XADD', skey, '*', 'type', 'delta', 'text', text)
-          entries[i] = '["' .. last .. '",["type","delta","text",' .. cjson.encode(text) .. ']]'
-        end
-        if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', meta)) end
-        redis.call('HSET', meta, f[4], last, f[3], events + take, f[2], tokens + take)
-        -- The shape `announce` publishes (see the prelude).
-        redis.call('PUBLISH', channel, '{"s":"' .. src .. '","p":"' .. prev .. '","e":[' .. table.concat(entries, ',') .. ']}')
-        if take < n then result = -3 - take else result = take end
+      local entries = {'["' .. last .. '",["type","delta","text",' .. cjson.encode(ARGV[first]) .. ']]'}
+      for i = 2, n do
+        local text = ARGV[first + i - 1]
+        last = redis.call('XADD', skey, '*', 'type', 'delta', 'text', text)
+        entries[i] = '["' .. last .. '",["type","delta","text",' .. cjson.encode(text) .. ']]'
       end
+      if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', meta)) end
+      redis.call('HSET', meta, f[3], last, f[4], after, f[2], after)
+      -- The shape `announce` publishes (see the prelude).
+      redis.call('PUBLISH', channel, '{"s":"' .. src .. '","p":"' .. prev .. '","e":[' .. table.concat(entries, ',') .. ']}')
+      result = n
     end
   end
   results[#results + 1] = result
@@ -287,7 +276,7 @@ APPEND_PARTS_CACHED = 20_000  # sources whose append keys a Store keeps named (a
 
 
 Command = tuple[str | bytes | int | float, ...]  # one Redis command, as its arguments
-AppendCall = tuple[str, Source, Sequence[str], int | None]  # stream id, source, texts, expected (see append)
+AppendCall = tuple[str, Source, Sequence[str], int]  # stream id, source, texts, deltas appended before them (see append)
 RenewCall = tuple[str, Source, str]  # stream id, source, worker (see renew)
 
 
@@ -503,7 +492,11 @@ class Store:
         """Append deltas in one round trip. -1: the source is not running any more, stop.
 
         `expected`: how many deltas this caller appended before; with it, retrying an append whose
-        reply was lost does not write it twice."""
+        reply was lost does not write it twice. Without it, the count is read first (one more
+        round trip: for tests and one-off writes; workers always know theirs)."""
+        if expected is None:
+            tokens = await self.redis.hget(self.keys.meta(stream_id), f"{source}_tokens")  # type: ignore[misc]
+            expected = int(tokens or 0)
         (result,) = await self.append_many([(stream_id, source, texts, expected)])
         if isinstance(result, ResponseError):
             raise result
@@ -521,53 +514,54 @@ class Store:
         it skips what a redis-py pipeline costs per batch and per command: the EVALSHAs are packed
         by hiredis in C and written on one pooled connection, without the pipeline's SCRIPT EXISTS
         round trip. A NOSCRIPT (Redis restarted and forgot the script) loads it and writes again.
-        A source that reached TANDEM_MAX_SOURCE_EVENTS, or whose entries Redis lost, is ended here
-        (`too_long`, `worker_lost`) and answers -1.
+        A source that reached TANDEM_MAX_SOURCE_EVENTS (what fits is appended first), or whose
+        entries Redis lost, is ended here (`too_long`, `worker_lost`) and answers -1.
         """
+        room = self.settings.max_source_events - 1  # deltas a source may have: its terminal entry is its last event
+        fitting = [(sid, src, texts[: max(0, room - expected)], expected) for sid, src, texts, expected in calls]
+        sending = [c for c in fitting if c[2]]
         now = now_ms()
         payload = b"".join([
-            *((self._packed_appends(calls),) if calls else ()),
+            *((self._packed_appends(sending),) if sending else ()),
             *(pack_command(cast(Any, ("EVALSHA", self._renew.sha, *self._renew_command(*r, now)))) for r in renewals),
         ])  # fmt: skip
+        replies: list[Any] = []
         for attempt in (1, 2):
-            replies = await self._pipelined(payload, (1 if calls else 0) + len(renewals))
+            if not payload:
+                break
+            replies = await self._pipelined(payload, (1 if sending else 0) + len(renewals))
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 await self.redis.script_load(_APPEND)
                 await self.redis.script_load(_RENEW)
                 continue  # the calls that did run answer the same again (`expected`; a renewal is repeatable)
             break
         appended: list[Any] = []
-        if calls:
+        if sending:
             first = replies.pop(0)
-            appended = first if isinstance(first, list) else [first] * len(calls)  # an error for the whole script
+            appended = first if isinstance(first, list) else [first] * len(sending)  # an error for the whole script
+        answers = iter(appended)
         results: list[int | ResponseError] = []
-        for (stream_id, source, _, _), r in zip(calls, appended, strict=True):
-            if isinstance(r, ResponseError):
+        for (stream_id, source, texts, _), (_, _, fit, _) in zip(calls, fitting, strict=True):
+            r = next(answers) if fit else len(fit)
+            if isinstance(r, ResponseError) or r == -1:
                 results.append(r)
-            elif r >= -1:
-                results.append(int(r))
-            else:
-                await self._end_appending(stream_id, source, int(r))
+            elif r == -2:
+                await self.finish(stream_id, [source], error_fields("worker_lost", "Redis lost part of this source (it restarted without its latest writes)"))
                 results.append(-1)
+            elif len(fit) < len(texts):
+                limit = self.settings.max_source_events
+                await self.finish(stream_id, [source], error_fields("too_long", f"source reached the limit of {limit} events (TANDEM_MAX_SOURCE_EVENTS)"))
+                results.append(-1)
+            else:
+                results.append(int(r))
         return results + [r if isinstance(r, ResponseError) else int(r) for r in replies]
-
-    async def _end_appending(self, stream_id: str, source: Source, code: int) -> None:
-        """End a source the append script refused to go on with (-2: Redis lost part of it; -3 - k:
-        it reached TANDEM_MAX_SOURCE_EVENTS). Repeatable, like the append: `finish` writes one
-        terminal entry at most."""
-        if code == -2:
-            fields = error_fields("worker_lost", "Redis lost part of this source (it restarted without its latest writes)")
-        else:
-            limit = self.settings.max_source_events
-            fields = error_fields("too_long", f"source reached the limit of {limit} events (TANDEM_MAX_SOURCE_EVENTS)")
-        await self.finish(stream_id, [source], fields)
 
     def _packed_appends(self, calls: Sequence[AppendCall]) -> bytes:
         """The append script's EVALSHA for `calls`, packed by hiredis in one call. An append's
         keys, channel and source are named once per source (naming them took longer than packing
         the whole command)."""
         keys: list[str] = []
-        argv: list[str | int] = [self.settings.max_source_events]
+        argv: list[str | int] = []
         for stream_id, source, texts, expected in calls:
             named = self._append_parts.get((stream_id, source))
             if named is None:
@@ -577,8 +571,8 @@ class Store:
                 named = self._append_parts[(stream_id, source)] = ((k.meta(stream_id), k.events(stream_id, source)), (k.channel(stream_id), source))
             keys += named[0]
             argv += named[1]
-            argv.append(-1 if expected is None else expected)
-            argv.append(len(texts))
+            n = len(texts)
+            argv += (expected, expected + n, n)
             argv += texts
         return cast(bytes, pack_command(cast(Any, ("EVALSHA", self._append.sha, len(keys), *keys, *argv))))
 

@@ -216,7 +216,7 @@ async def test_reads_are_the_same_with_or_without_the_mux(store: Store, redis: R
 async def test_append_many_in_one_round_trip(store: Store, redis: Redis) -> None:
     s1, s2, queued = await running_stream(store), await running_stream(store), await new_stream(store)
     out = await store.append_many([
-        (s1, "a", ["a1 ", "a2"], 0), (s2, "b", ["b1"], None), (queued, "a", ["x"], 0), (s1, "b", ["é\n"], 0),
+        (s1, "a", ["a1 ", "a2"], 0), (s2, "b", ["b1"], 0), (queued, "a", ["x"], 0), (s1, "b", ["é\n"], 0),
     ])  # fmt: skip
     assert out == [2, 1, -1, 1]
     assert await store.text(s1, "a") == "a1 a2" and await store.text(s2, "b") == "b1" and await store.text(s1, "b") == "é\n"
@@ -240,11 +240,11 @@ async def test_append_many_after_redis_forgot_the_script(store: Store, redis: Re
 
 
 def test_packed_appends_are_what_pack_command_writes(store: Store) -> None:
-    calls = [("s1", "a", ["x"], 0), ("s1", "a", ["é\n", "", "two words"], 7), ("s-2", "b", ["y"], None)]
+    calls = [("s1", "a", ["x"], 0), ("s1", "a", ["é\n", "", "two words"], 7), ("s-2", "b", ["y"], 12)]
     for batch in (calls[:1], calls):
         keys = [k for sid, src, _, _ in batch for k in (store.keys.meta(sid), store.keys.events(sid, src))]  # type: ignore[arg-type]
-        argv = [x for sid, src, texts, exp in batch for x in (store.keys.channel(sid), src, -1 if exp is None else exp, len(texts), *texts)]
-        want = pack_command(("EVALSHA", store._append.sha, len(keys), *keys, store.settings.max_source_events, *argv))
+        argv = [x for sid, src, texts, exp in batch for x in (store.keys.channel(sid), src, exp, exp + len(texts), len(texts), *texts)]
+        want = pack_command(("EVALSHA", store._append.sha, len(keys), *keys, *argv))
         assert store._packed_appends(batch) == want  # type: ignore[arg-type]
 
 
@@ -429,8 +429,8 @@ async def test_too_long_when_the_retried_write_had_reached_the_limit(store: Stor
     sid = await running_stream(store)
     assert await store.append(sid, "a", ["1", "2", "3"], expected=0) == 3
     k = store.keys
-    args = [5, k.channel(sid), "a", 3, 3, "4", "5", "6"]
-    assert await store._append(keys=[k.meta(sid), k.events(sid, "a")], args=args) == [-4]  # one fitted; not ended yet
+    first_attempt = [k.channel(sid), "a", 3, 4, 1, "4"]  # what fits of ["4", "5", "6"]
+    assert await store._append(keys=[k.meta(sid), k.events(sid, "a")], args=first_attempt) == [1]
     assert await store.append(sid, "a", ["4", "5", "6"], expected=3) == -1  # the retry
     rows = await entries(store, sid, "a")
     assert [f.get("text", f.get("code")) for _, f in rows] == ["1", "2", "3", "4", "too_long"]
