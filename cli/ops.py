@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.cursor import entry_key, is_entry_id
+from shared.events import TERMINAL_STATES
 from shared.keys import SOURCES, Keys, Source
 from shared.settings import Settings
 from shared.store import Store, now_ms
@@ -153,6 +154,14 @@ def emit(out: Any, as_json: bool, doc: Any, fmt: Any) -> None:
 _LS_FIELDS = ["status", "created_ms", "finished_ms", "a_task", "a_state", "a_tokens", "a_events", "b_task", "b_state", "b_tokens", "b_events"]
 
 
+def _counts(state: str | None, tokens: str | None, events: str | None, entries: int) -> dict[str, int]:
+    """A source's deltas and entries: from the meta once it has ended, from its stream while it
+    runs (appends do not count them one by one: shared/store.py)."""
+    if state in TERMINAL_STATES:
+        return {"tokens": int(tokens or 0), "events": int(events or 0)}
+    return {"tokens": entries, "events": entries}
+
+
 class Ops:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis, self.settings = redis, settings
@@ -190,9 +199,12 @@ class Ops:
             async with self.redis.pipeline(transaction=False) as p:
                 for sid in ids:
                     p.hmget(self.keys.meta(sid), _LS_FIELDS)
-                metas = await p.execute()
-            for sid, values in zip(ids, metas, strict=True):
+                    p.xlen(self.keys.events(sid, "a"))
+                    p.xlen(self.keys.events(sid, "b"))
+                res = await p.execute()
+            for sid, values, xlen_a, xlen_b in zip(ids, res[::3], res[1::3], res[2::3], strict=True):
                 m = dict(zip(_LS_FIELDS, values, strict=True))
+                entries = {"a": xlen_a, "b": xlen_b}
                 if m["status"] is None or (status and m["status"] != status):
                     continue  # expired (the index is trimmed lazily), or filtered out
                 created = int(m["created_ms"] or 0)
@@ -207,8 +219,7 @@ class Ops:
                             src: {
                                 "task": m[f"{src}_task"],
                                 "state": m[f"{src}_state"],
-                                "tokens": int(m[f"{src}_tokens"] or 0),
-                                "events": int(m[f"{src}_events"] or 0),
+                                **_counts(m[f"{src}_state"], m[f"{src}_tokens"], m[f"{src}_events"], entries[src]),
                             }
                             for src in SOURCES
                         },
@@ -246,6 +257,7 @@ class Ops:
                 p.exists(result_key_prefix + jobs[src])
                 p.exists(job_key_prefix + jobs[src])
                 p.zscore(k.running, f"{stream_id}:{src}")
+                p.xrevrange(k.events(stream_id, src), count=1)
             res = await p.execute()
         keys_doc = [
             {"key": key, "type": res[2 * i], "ttl_s": _ttl(res[2 * i + 1])} for i, key in enumerate(key_names)
@@ -263,7 +275,7 @@ class Ops:
         }
         tail = res[2 * len(key_names) :]
         for i, src in enumerate(SOURCES):
-            xlen, lease, queued, in_progress, result, job, running = tail[7 * i : 7 * i + 7]
+            xlen, lease, queued, in_progress, result, job, running, last = tail[8 * i : 8 * i + 8]
             err = meta.get(f"{src}_error")
             started = meta.get(f"{src}_started_ms")
             if in_progress:
@@ -277,10 +289,9 @@ class Ops:
             doc[src] = {
                 "task": meta.get(f"{src}_task"),
                 "state": meta.get(f"{src}_state"),
-                "tokens": int(meta.get(f"{src}_tokens", "0")),
-                "events": int(meta.get(f"{src}_events", "0")),
+                **_counts(meta.get(f"{src}_state"), meta.get(f"{src}_tokens"), meta.get(f"{src}_events"), xlen),
                 "entries": xlen,
-                "last_id": meta.get(f"{src}_last"),
+                "last_id": last[0][0] if last else "0-0",
                 "options": orjson.loads(meta.get(f"{src}_options", "{}")),
                 "started_ms": int(started) if started else None,
                 "worker": meta.get(f"{src}_worker"),

@@ -79,6 +79,11 @@ class Keys:
         """STRING (JSON) with a TTL: one worker's heartbeat details."""
         return f"{self.prefix}:worker:{worker_id}"
 
+    def appended(self, worker_id: str) -> str:
+        """STRING (integer) with a TTL: how many deltas one worker has appended, across all its
+        sources (its appends check it: see shared/store.py, the append script)."""
+        return f"{self.prefix}:appended:{worker_id}"
+
     def stream_id_from_key(self, key: str) -> str | None:
         head = f"{self.prefix}:{{"
         if not key.startswith(head):

@@ -52,11 +52,14 @@ local function announce(channel, src, prev, entries)
 end
 
 -- Append the terminal entry `fields` to source `src` unless it is terminal already. The source's
--- lease and its `running` member go with it.
+-- lease and its `running` member go with it, and its counts are written to the meta (while it
+-- ran, its entries were its deltas: appends do not count them one by one).
 local function finish_source(meta, skey, lease, running, member, channel, src, fields)
   local st = redis.call('HGET', meta, src .. '_state')
   if (not st) or is_terminal(st) then return 0 end
-  local prev = redis.call('HGET', meta, src .. '_last') or '0-0'
+  local tokens = redis.call('XLEN', skey)
+  local prev = '0-0'
+  if tokens > 0 then prev = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', 1)[1][1] end
   local id = redis.call('XADD', skey, '*', unpack(fields))
   local f = {}
   for i = 1, #fields, 2 do f[fields[i]] = fields[i + 1] end
@@ -65,8 +68,7 @@ local function finish_source(meta, skey, lease, running, member, channel, src, f
     if f['code'] == 'cancelled' then state = 'cancelled' else state = 'failed' end
     redis.call('HSET', meta, src .. '_error', cjson.encode({code = f['code'], message = f['message']}))
   end
-  redis.call('HSET', meta, src .. '_state', state, src .. '_last', id)
-  redis.call('HINCRBY', meta, src .. '_events', 1)
+  redis.call('HSET', meta, src .. '_state', state, src .. '_last', id, src .. '_tokens', tokens, src .. '_events', tokens + 1)
   if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', meta)) end
   redis.call('DEL', lease)
   redis.call('ZREM', running, member)
@@ -136,62 +138,77 @@ return written
 )
 
 # The appends of one worker write, for any number of sources, in one call.
-# KEYS: per append: meta, events (of its source)
-# ARGV: per append: channel, src, expected, after, n, text_1 .. text_n
-# `expected` is how many deltas the caller has appended to the source so far and `after` that
-# count plus n: a retried write (its reply lost to a dropped connection) finds the source at
-# `after` and writes nothing again, and a source at neither count lost writes (Redis restarted
-# without them) and cannot go on without a gap. The caller keeps a source within
-# TANDEM_MAX_SOURCE_EVENTS (while a source runs, its entries are its deltas: events = tokens).
-# Returns one result per append: n (appended, or appended before); -1 when the source is not
-# running (stop producing); -2 for lost writes (the caller ends the source: Store.append_many).
-# A Redis error for one append (a key of the wrong type) is that append's result; the rest run.
-# This runs once per token at 20 tokens/s a source, so it does no more than it must: per append
-# one HMGET, the XADDs, one HSET and one PUBLISH, and no number (the counts are compared and
-# written as the caller's strings); the announcement's JSON is put together here, not by cjson
-# (encoding a table took more time than the XADD). One call per write, not one per source: the
-# script call itself (its setup, its arguments as Lua tables, its reply) cost Redis as much as an
-# append's commands. A write spans many streams' keys, so it needs one Redis, not a Cluster
-# (README, "Redis layout").
+# KEYS: the worker's `appended` count, then per append: lease, events, meta (of its source)
+# ARGV: worker, the count as the worker knows it ('' for a one-off write), the count's TTL (ms),
+#       then per append: channel, src, prev, expected, n, text_1 .. text_n
+# `prev` is the source's last entry id and `expected` its number of deltas, before this append,
+# as the worker knows them (it is the source's only writer: it holds its lease).
+# Returns one result per append, then the worker's new count: the source's last entry id once
+# the texts are appended (or were, by an earlier attempt of this write); -1 when the source is not
+# running any more (stop producing); -2 when Redis lost writes of the source (it restarted
+# without them: the source cannot go on without a gap); -3 when the source runs but its lease
+# is not the worker's (it stalled for longer than the lease). The caller ends the source in the
+# last two cases (Store.append_many). A Redis error for one append (a key of the wrong type) is
+# that append's result; the others still run.
+# This runs once per token at 20 tokens/s a source, so an append does no more than it must: its
+# XADDs and one PUBLISH, and one MGET of the leases for the whole write. Nothing is read per
+# append to make retries safe: the worker's count is, once per write. When it is as the worker
+# knows it, no write of the worker was lost or applied twice, and every append goes ahead;
+# otherwise (a retry of a write whose reply was lost, a Redis that lost writes, an expired count)
+# each append is checked against its stream (XLEN, the last id). The source's counts in the meta
+# are written when it ends (finish_source). One call per write, not one per source: the script
+# call itself (its setup, its arguments as Lua tables, its reply) cost Redis as much as an
+# append's commands. The announcement's JSON is put together here, not by cjson (encoding a table
+# took longer than the XADD). A write spans many streams' keys, so it needs one Redis, not a
+# Cluster (README, "Redis layout").
 _APPEND = r"""
-local fields = {a = {'a_state', 'a_tokens', 'a_last', 'a_events'}, b = {'b_state', 'b_tokens', 'b_last', 'b_events'}}
+local worker, written = ARGV[1], ARGV[2]
+local appends = (#KEYS - 1) / 3
+local leases = {}
+for i = 1, appends do leases[i] = KEYS[3 * i - 1] end
+local owners = redis.call('MGET', unpack(leases))
+local checked = written == '' or (redis.call('GET', KEYS[1]) or '0') ~= written
+local count = tonumber(written) or 0
 local results = {}
-local at = 1
-for k = 1, #KEYS, 2 do
-  local meta, skey = KEYS[k], KEYS[k + 1]
-  local channel, src, expected, after, n = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4])
+local at = 4
+for i = 1, appends do
+  local channel, src, prev, expected, n = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   local first = at + 5
   at = first + n
-  local f = fields[src]
+  local skey = KEYS[3 * i]
   local result
-  local row = redis.pcall('HMGET', meta, f[1], f[2], f[3])
-  if row.err then
-    result = row
-  elseif row[1] ~= 'running' then
-    result = -1
-  elseif row[2] ~= expected then
-    if row[2] == after then result = n else result = -2 end
-  else
-    local prev = row[3] or '0-0'
-    local last = redis.pcall('XADD', skey, '*', 'type', 'delta', 'text', ARGV[first])
-    if type(last) == 'table' then
-      result = last
-    else
-      local entries = {'["' .. last .. '",["type","delta","text",' .. cjson.encode(ARGV[first]) .. ']]'}
-      for i = 2, n do
-        local text = ARGV[first + i - 1]
-        last = redis.call('XADD', skey, '*', 'type', 'delta', 'text', text)
-        entries[i] = '["' .. last .. '",["type","delta","text",' .. cjson.encode(text) .. ']]'
-      end
-      if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', meta)) end
-      redis.call('HSET', meta, f[3], last, f[4], after, f[2], after)
-      -- The shape `announce` publishes (see the prelude).
-      redis.call('PUBLISH', channel, '{"s":"' .. src .. '","p":"' .. prev .. '","e":[' .. table.concat(entries, ',') .. ']}')
-      result = n
+  if owners[i] ~= worker then
+    if redis.call('HGET', KEYS[3 * i + 1], src .. '_state') == 'running' then result = -3 else result = -1 end
+  elseif checked then
+    local have = redis.call('XLEN', skey)
+    local last = '0-0'
+    if have > 0 then last = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', 1)[1][1] end
+    if have == expected + n then
+      result = last  -- appended by an earlier attempt of this write
+      count = count + n
+    elseif have ~= expected or last ~= prev then
+      result = -2
     end
   end
-  results[#results + 1] = result
+  if result == nil then
+    result = redis.pcall('XADD', skey, '*', 'type', 'delta', 'text', ARGV[first])
+    if type(result) == 'string' then
+      local entries = {'["' .. result .. '",["type","delta","text",' .. cjson.encode(ARGV[first]) .. ']]'}
+      for j = 2, n do
+        local text = ARGV[first + j - 1]
+        result = redis.call('XADD', skey, '*', 'type', 'delta', 'text', text)
+        entries[j] = '["' .. result .. '",["type","delta","text",' .. cjson.encode(text) .. ']]'
+      end
+      if prev == '0-0' then redis.call('PEXPIRE', skey, redis.call('PTTL', KEYS[3 * i + 1])) end
+      -- The shape `announce` publishes (see the prelude).
+      redis.call('PUBLISH', channel, '{"s":"' .. src .. '","p":"' .. prev .. '","e":[' .. table.concat(entries, ',') .. ']}')
+      count = count + n
+    end
+  end
+  results[i] = result
 end
+if written ~= '' then redis.call('SET', KEYS[1], count, 'PX', ARGV[3]) end
+results[appends + 1] = count
 return results
 """
 
@@ -273,11 +290,14 @@ return 1
 # A lease lives this fraction of TANDEM_LEASE_S: with renewals every lease_s/5 and a sweep every
 # lease_s/5 (workers/lease.py), a dead worker's source ends at most 0.9 * lease_s after it died.
 LEASE_TTL_FRACTION = 0.7
+# A worker's count of appended deltas lives this long after its last write: a dead worker's goes
+# away, and one that expires under a live worker (idle that long) only makes its next write checked.
+APPENDED_TTL_S = 600
 APPEND_PARTS_CACHED = 20_000  # sources whose append keys a Store keeps named (a few hundred bytes each)
 
 
 Command = tuple[str | bytes | int | float, ...]  # one Redis command, as its arguments
-AppendCall = tuple[str, Source, Sequence[str], int]  # stream id, source, texts, deltas appended before them (see append)
+AppendCall = tuple[str, Source, Sequence[str], int, str | bytes]  # stream id, source, texts, and before them: its deltas, its last entry id (see append_many)
 RenewCall = tuple[str, Source, str]  # stream id, source, worker (see renew)
 
 
@@ -317,7 +337,8 @@ class Store:
         self._renew = redis.register_script(_RENEW)
         self._reap = redis.register_script(_REAP)
         self.lease_ttl_ms = max(1, int(settings.lease_s * LEASE_TTL_FRACTION * 1000))
-        self._append_parts: dict[tuple[str, Source], tuple[tuple[str, str], tuple[str, str]]] = {}  # _packed_appends
+        self._append_parts: dict[tuple[str, Source], tuple[tuple[str, str, str], tuple[str, str]]] = {}  # _packed_appends
+        self._appended_ttl_ms = APPENDED_TTL_S * 1000
 
     # -- create --------------------------------------------------------------------------------
 
@@ -448,13 +469,17 @@ class Store:
 
     async def text(self, stream_id: str, source: Source) -> str:
         """A source's text so far, read in batches (the status document needs all of it)."""
+        return (await self._text(stream_id, source))[0]
+
+    async def _text(self, stream_id: str, source: Source) -> tuple[str, int]:
+        """The text and the number of deltas (the meta counts them only once the source ends)."""
         parts: list[str] = []
         after = "0-0"
         while True:
             rows = await self.read(stream_id, source, after, 1000)
             parts.extend(f.get("text", "") for _, f in rows if f.get("type") == "delta")
             if len(rows) < 1000:
-                return "".join(parts)
+                return "".join(parts), len(parts)
             after = rows[-1][0]
 
     async def status(self, stream_id: str, meta: dict[str, str]) -> dict[str, Any]:
@@ -465,11 +490,12 @@ class Store:
         }
         for src in SOURCES:
             err = meta.get(f"{src}_error")
+            text, tokens = await self._text(stream_id, src)
             doc[src] = {
                 "task": meta.get(f"{src}_task"),
                 "state": meta.get(f"{src}_state"),
-                "tokens": int(meta.get(f"{src}_tokens", "0")),
-                "text": await self.text(stream_id, src),
+                "tokens": tokens,
+                "text": text,
                 "error": orjson.loads(err) if err else None,
             }
         doc["pacing"] = orjson.loads(meta.get("pacing", "{}"))
@@ -489,41 +515,55 @@ class Store:
         )
         return _s(st) if st else None
 
-    async def append(self, stream_id: str, source: Source, texts: Sequence[str], expected: int | None = None) -> int:
-        """Append deltas in one round trip. -1: the source is not running any more, stop.
-
-        `expected`: how many deltas this caller appended before; with it, retrying an append whose
-        reply was lost does not write it twice. Without it, the count is read first (one more
-        round trip: for tests and one-off writes; workers always know theirs)."""
-        if expected is None:
-            tokens = await self.redis.hget(self.keys.meta(stream_id), f"{source}_tokens")  # type: ignore[misc]
-            expected = int(tokens or 0)
-        (result,) = await self.append_many([(stream_id, source, texts, expected)])
+    async def append(self, stream_id: str, source: Source, texts: Sequence[str]) -> int:
+        """Append deltas to a running source, as its worker would, in a few round trips: for tests
+        and one-off writes (workers append with `append_many`). How many were appended, or -1:
+        the source is not running any more."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as p:
+            p.get(k.lease(stream_id, source))
+            p.xlen(k.events(stream_id, source))
+            p.xrevrange(k.events(stream_id, source), count=1)
+            owner, have, last = await p.execute()
+        worker = _s(owner) if owner is not None else ""
+        prev = _s(last[0][0]) if last else "0-0"
+        (result,), _ = await self.append_many([(stream_id, source, texts, have, prev)], worker=worker)
         if isinstance(result, ResponseError):
             raise result
-        return result
+        return len(texts) if isinstance(result, bytes) else -1
 
-    async def append_many(self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = ()) -> list[int | ResponseError]:
-        """Many appends (each to its own source) in one round trip and one script call: workers/pipe.py
-        writes every running source's buffered tokens this way. Per call, what `append` returns,
-        or the error Redis answered for that call alone; then, per renewal, what `renew` returns
-        (lease renewals ride along: a round trip of its own costs a worker ~90 us of CPU on a
-        2-core machine, and a thousand running sources renew 500 times a second). A connection
-        error raises: `expected` makes the whole batch safe to retry, and a renewal is repeatable.
+    async def append_many(
+        self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = (), *, worker: str, written: int | None = None
+    ) -> tuple[list[bytes | int | ResponseError], int]:
+        """Many appends (each to its own source) in one round trip and one script call: a worker's
+        append pipe writes every running source's buffered tokens this way (workers/pipe.py). Per
+        call, the source's last entry id (bytes) once its texts are appended, -1 when the source is not
+        running any more (stop), or the error Redis answered for that call alone; then, per
+        renewal, what `renew` returns (lease renewals ride along: a round trip of its own costs a
+        worker ~90 us of CPU on a 2-core machine, and a thousand running sources renew 500 times
+        a second). Also returns the worker's new count of appended deltas.
+
+        `worker`: the id the sources' leases hold. `written`: the worker's count of appended deltas
+        (its `appended` key), as this function last returned it (0 at first); None for a one-off
+        write. A connection error raises; the worker retries with the same calls and count: a
+        write that did reach Redis is not applied twice, and a renewal is repeatable.
 
         This is the hottest path of a worker (a thousand paced sources: one append per token), so
         it skips what a redis-py pipeline costs per batch and per command: the EVALSHAs are packed
         by hiredis in C and written on one pooled connection, without the pipeline's SCRIPT EXISTS
         round trip. A NOSCRIPT (Redis restarted and forgot the script) loads it and writes again.
-        A source that reached TANDEM_MAX_SOURCE_EVENTS (what fits is appended first), or whose
-        entries Redis lost, is ended here (`too_long`, `worker_lost`) and answers -1.
+        A source that reached TANDEM_MAX_SOURCE_EVENTS (what fits is appended first), whose
+        entries Redis lost, or whose lease this worker lost, is ended here (`too_long`,
+        `worker_lost`) and answers -1.
         """
         room = self.settings.max_source_events - 1  # deltas a source may have: its terminal entry is its last event
-        fitting = [(sid, src, texts[: max(0, room - expected)], expected) for sid, src, texts, expected in calls]
-        sending = [c for c in fitting if c[2]]
+        fitting = calls
+        if any(expected + len(texts) > room for _, _, texts, expected, _ in calls):  # (rare: the limit is 100,000)
+            fitting = [(sid, src, texts[: max(0, room - expected)], expected, prev) for sid, src, texts, expected, prev in calls]
+        sending = fitting if fitting is calls else [c for c in fitting if c[2]]
         now = now_ms()
         payload = b"".join([
-            *((self._packed_appends(sending),) if sending else ()),
+            *((self._packed_appends(sending, worker, written),) if sending else ()),
             *(pack_command(cast(Any, ("EVALSHA", self._renew.sha, *self._renew_command(*r, now)))) for r in renewals),
         ])  # fmt: skip
         replies: list[Any] = []
@@ -534,46 +574,65 @@ class Store:
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 await self.redis.script_load(_APPEND)
                 await self.redis.script_load(_RENEW)
-                continue  # the calls that did run answer the same again (`expected`; a renewal is repeatable)
+                continue  # the calls that did run answer the same again (the count; a renewal is repeatable)
             break
-        appended: list[Any] = []
+        count = written or 0
+        results: list[Any] = []
         if sending:
             first = replies.pop(0)
-            appended = first if isinstance(first, list) else [first] * len(sending)  # an error for the whole script
-        answers = iter(appended)
-        results: list[int | ResponseError] = []
-        for (stream_id, source, texts, _), (_, _, fit, _) in zip(calls, fitting, strict=True):
-            r = next(answers) if fit else len(fit)
+            if isinstance(first, list):
+                count = int(first.pop())
+                results = first
+            else:  # an error for the whole script
+                results = [first] * len(sending)
+        if fitting is not calls or not all(type(r) is bytes for r in results):
+            results = await self._appended(calls, fitting, results, worker)
+        return [*results, *(r if isinstance(r, ResponseError) else int(r) for r in replies)], count
+
+    async def _appended(
+        self, calls: Sequence[AppendCall], sent: Sequence[AppendCall], answers: list[Any], worker: str
+    ) -> list[bytes | int | ResponseError]:
+        """`append_many`'s results when not every append simply went in: the sources that stop here
+        are ended (see its docstring) and answer -1."""
+        answered = iter(answers)
+        results: list[bytes | int | ResponseError] = []
+        for (stream_id, source, texts, _, _), (_, _, fit, _, _) in zip(calls, sent, strict=True):
+            r = next(answered) if fit else b""
             if isinstance(r, ResponseError) or r == -1:
                 results.append(r)
             elif r == -2:
                 await self.finish(stream_id, [source], error_fields("worker_lost", "Redis lost part of this source (it restarted without its latest writes)"))
+                results.append(-1)
+            elif r == -3:
+                await self.renew(stream_id, source, worker)  # ends it with `worker_lost`, as a renewal would have
                 results.append(-1)
             elif len(fit) < len(texts):
                 limit = self.settings.max_source_events
                 await self.finish(stream_id, [source], error_fields("too_long", f"source reached the limit of {limit} events (TANDEM_MAX_SOURCE_EVENTS)"))
                 results.append(-1)
             else:
-                results.append(int(r))
-        return results + [r if isinstance(r, ResponseError) else int(r) for r in replies]
+                results.append(r)
+        return results
 
-    def _packed_appends(self, calls: Sequence[AppendCall]) -> bytes:
+    def _packed_appends(self, calls: Sequence[AppendCall], worker: str, written: int | None) -> bytes:
         """The append script's EVALSHA for `calls`, packed by hiredis in one call. An append's
         keys, channel and source are named once per source (naming them took longer than packing
         the whole command)."""
-        keys: list[str] = []
-        argv: list[str | int] = []
-        for stream_id, source, texts, expected in calls:
+        keys: list[str] = [self.keys.appended(worker)]
+        argv: list[str | bytes | int] = [worker, "" if written is None else written, self._appended_ttl_ms]
+        for stream_id, source, texts, expected, prev in calls:
             named = self._append_parts.get((stream_id, source))
             if named is None:
                 if len(self._append_parts) >= APPEND_PARTS_CACHED:
                     self._append_parts.clear()  # running sources name theirs again at their next append
                 k = self.keys
-                named = self._append_parts[(stream_id, source)] = ((k.meta(stream_id), k.events(stream_id, source)), (k.channel(stream_id), source))
+                named = self._append_parts[(stream_id, source)] = (
+                    (k.lease(stream_id, source), k.events(stream_id, source), k.meta(stream_id)),
+                    (k.channel(stream_id), source),
+                )
             keys += named[0]
             argv += named[1]
-            n = len(texts)
-            argv += (expected, expected + n, n)
+            argv += (prev, expected, len(texts))
             argv += texts
         return cast(bytes, pack_command(cast(Any, ("EVALSHA", self._append.sha, len(keys), *keys, *argv))))
 

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 from shared.keys import Source
 
 if TYPE_CHECKING:
+    from shared.store import AppendCall
     from workers.pipe import AppendPipe
 
 
 class Appender:
-    __slots__ = ("_buf", "_error", "_inflight", "_max_batch", "_pipe", "_queued", "_waiter", "appended", "source", "stopped", "stream_id")
+    __slots__ = ("_buf", "_error", "_inflight", "_max_batch", "_pipe", "_queued", "_waiter", "appended", "last", "source", "stopped", "stream_id")
 
     def __init__(self, pipe: AppendPipe, stream_id: str, source: Source, max_batch: int) -> None:
         self._pipe = pipe
@@ -32,10 +33,11 @@ class Appender:
         self._max_batch = max_batch
         self._buf: list[str] = []
         self._queued = False  # waiting in the pipe's ready set
-        self._inflight = False  # a batch of ours is being written
+        self._inflight = 0  # the size of our batch being written (0: none)
         self._waiter: asyncio.Future[None] | None = None  # someone waits for everything to be written
         self._error: BaseException | None = None
         self.appended = 0
+        self.last: str | bytes = "0-0"  # the source's last entry id (the next append's `prev`; bytes, as Redis answered it)
         self.stopped = False  # the source is no longer running (cancelled, too long, lost)
 
     def add(self, text: str) -> bool:
@@ -74,23 +76,30 @@ class Appender:
 
     # -- called by the pipe ----------------------------------------------------------------------
 
-    def take(self) -> tuple[list[str], int]:
-        """The next batch, and how many deltas were appended before it."""
-        batch, self._buf = self._buf[: self._max_batch], self._buf[self._max_batch :]
-        self._queued, self._inflight = False, True
-        if len(self._buf) >= self._max_batch:
-            self._pipe.hurry()
-        return batch, self.appended
-
-    def applied(self, n: int | BaseException) -> bool:
-        """The result of our batch. True when more is buffered (the pipe takes us again)."""
-        self._inflight = False
-        if isinstance(n, BaseException):
-            self._error, self.stopped = n, True
-        elif n < 0:
-            self.stopped = True
+    def take(self) -> AppendCall:
+        """The next batch, as the store appends it (with the source's deltas and last entry id
+        before it)."""
+        batch, mb = self._buf, self._max_batch
+        if len(batch) <= mb:
+            self._buf = []
         else:
-            self.appended += n
+            batch, self._buf = batch[:mb], batch[mb:]
+            if len(self._buf) >= mb:
+                self._pipe.hurry()
+        self._queued, self._inflight = False, len(batch)
+        return self.stream_id, self.source, batch, self.appended, self.last
+
+    def applied(self, result: bytes | int | BaseException) -> bool:
+        """The result of our batch: the source's last entry id, -1 (the source stopped) or an
+        error. True when more is buffered (the pipe takes us again)."""
+        if type(result) is bytes:
+            self.appended += self._inflight
+            self.last = result
+        elif isinstance(result, BaseException):
+            self._error, self.stopped = result, True
+        else:
+            self.stopped = True
+        self._inflight = 0
         if self.stopped:
             self._buf.clear()
         if self._buf:

@@ -21,20 +21,22 @@ import logging
 
 from shared.background import cancel_and_wait
 from shared.keys import Source
-from shared.store import Store
+from shared.store import AppendCall, Store
 from shared.waker import Waker
 from workers.appender import Appender
 from workers.lease import redis_retry
 
 log = logging.getLogger("tandem.worker")
-Call = tuple[Appender, list[str], int]
 Renewal = tuple[str, Source, str, "asyncio.Future[int]"]  # stream id, source, worker, its result
 
 
 class AppendPipe:
-    def __init__(self, store: Store, window_s: float = 0.0) -> None:
-        """`window_s`: the least time between the starts of two writes."""
+    def __init__(self, store: Store, worker: str, window_s: float = 0.0) -> None:
+        """`worker`: the id the sources' leases hold. `window_s`: the least time between the starts
+        of two writes."""
         self._store = store
+        self._worker = worker
+        self._written = 0  # deltas this worker has appended (its `appended` count; Store.append_many)
         self._window = window_s
         self._ready: dict[Appender, None] = {}  # an ordered set: first come, first written
         self._renewals: list[Renewal] = []
@@ -84,7 +86,7 @@ class AppendPipe:
                     next_at = loop.time() + self._window
                     batch = list(self._ready)
                     self._ready.clear()
-                    calls: list[Call] = [(ap, *ap.take()) for ap in batch]
+                    calls = [ap.take() for ap in batch]
                     renewals = [r for r in self._renewals if not r[3].done()]  # (a stopped lease gave up)
                     self._renewals.clear()
                     try:
@@ -94,7 +96,7 @@ class AppendPipe:
                     except Exception as e:  # not a connection problem: fail these sources, keep writing
                         log.exception("append failed")
                         results = [e] * (len(calls) + len(renewals))
-                    for (ap, _, _), result in zip(calls, results[: len(calls)], strict=True):
+                    for ap, result in zip(batch, results[: len(calls)], strict=True):
                         if ap.applied(result):
                             self._ready[ap] = None
                     for (*_, fut), result in zip(renewals, results[len(calls) :], strict=True):
@@ -103,14 +105,14 @@ class AppendPipe:
                         if isinstance(result, BaseException):
                             fut.set_exception(result)
                         else:
-                            fut.set_result(result)
+                            fut.set_result(int(result))
                     renewals = []
         finally:  # stopping: no lease waits on a write that will not happen
             for *_, fut in (*renewals, *self._renewals):
                 fut.cancel()
 
-    async def _write(self, calls: list[Call], renewals: list[Renewal]) -> list[int | BaseException]:
-        return list(await self._store.append_many(
-            [(ap.stream_id, ap.source, texts, expected) for ap, texts, expected in calls],
-            [(sid, src, worker) for sid, src, worker, _ in renewals],
-        ))  # fmt: skip
+    async def _write(self, calls: list[AppendCall], renewals: list[Renewal]) -> list[bytes | int | BaseException]:
+        results, self._written = await self._store.append_many(
+            calls, [(sid, src, worker) for sid, src, worker, _ in renewals], worker=self._worker, written=self._written
+        )
+        return list(results)

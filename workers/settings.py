@@ -69,10 +69,11 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
         ctx["store"] = Store(redis, settings)
-        ctx["pipe"] = AppendPipe(ctx["store"], settings.append_window_ms / 1000)  # one writer for every running source's tokens
+        ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # One writer for every running source's tokens.
+        ctx["pipe"] = AppendPipe(ctx["store"], ctx["worker_id"], settings.append_window_ms / 1000)
         ctx["pipe"].start()
         ctx["registry"] = registry
-        ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         ctx["http"] = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
         await start_worker_ops(ctx, settings)  # /metrics on TANDEM_WORKER_METRICS_PORT, heartbeat for `tandem stats`
         sweeper = ctx["sweeper"] = Sweeper(ctx["store"], settings, ctx["worker_id"])

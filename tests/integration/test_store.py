@@ -19,7 +19,7 @@ from shared.events import Announcement, done_fields, error_fields, parse_announc
 from shared.keys import Source
 from shared.redis_server import RedisServer
 from shared.settings import Settings
-from shared.store import Store, token_matches
+from shared.store import APPENDED_TTL_S, Store, token_matches
 
 PACING = {"slow_interval_ms": 250, "b_interval_ms": 0}
 
@@ -33,11 +33,18 @@ async def new_stream(store: Store, prompt: str = "hello") -> str:
     return created.id
 
 
-async def running_stream(store: Store) -> str:
+async def running_stream(store: Store, a: str = "w1", b: str = "w2") -> str:
+    """A stream whose A runs on worker `a` and B on worker `b`."""
     sid = await new_stream(store)
-    assert await store.start(sid, "a", "w1") == "queued"
-    assert await store.start(sid, "b", "w2") == "queued"
+    assert await store.start(sid, "a", a) == "queued"
+    assert await store.start(sid, "b", b) == "queued"
     return sid
+
+
+async def last_id(store: Store, sid: str, src: Source) -> bytes:
+    """As appends answer it."""
+    rows = await entries(store, sid, src)
+    return (rows[-1][0] if rows else "0-0").encode()
 
 
 def with_settings(settings: Settings, **update: Any) -> Settings:
@@ -152,8 +159,8 @@ async def test_claim_takes_the_job_out_of_arqs_queue(store: Store, redis: Redis)
     assert await redis.zscore(queue, jobs["a"]) is None
     assert await redis.zscore(queue, jobs["b"]) == 1  # not claimed yet: still arq's to run
     meta_ttl = await redis.pttl(store.keys.meta(sid))
-    assert 0 < await redis.pttl(job_key_prefix + jobs["a"]) <= meta_ttl
-    assert 0 < await redis.pttl(retry_key_prefix + jobs["a"]) <= meta_ttl
+    assert 0 < await redis.pttl(job_key_prefix + jobs["a"]) <= meta_ttl + 1  # (PTTLs of keys set in the same ms may differ by 1)
+    assert 0 < await redis.pttl(retry_key_prefix + jobs["a"]) <= meta_ttl + 1
     assert await redis.pttl(job_key_prefix + jobs["b"]) > meta_ttl
     # A claim that fails (taken, or terminal) leaves arq's queue alone.
     await redis.zadd(queue, {jobs["a"]: 2})
@@ -175,11 +182,11 @@ async def test_append_and_read(store: Store, redis: Redis) -> None:
         {"type": "delta", "text": ""},
         {"type": "delta", "text": '😀 "x" \\'},
     ]
+    assert await store.text(sid, "a") == 'one two\n😀 "x" \\'
     meta = await store.meta(sid)
     assert meta is not None
-    assert meta["a_last"] == rows[-1][0]
-    assert meta["a_events"] == meta["a_tokens"] == "4"
-    assert await store.text(sid, "a") == 'one two\n😀 "x" \\'
+    status = await store.status(sid, meta)
+    assert status["a"]["tokens"] == 4 and status["a"]["state"] == "running"  # counted from the stream while it runs
     # Exclusive reads after any id.
     assert await store.read(sid, "a", rows[1][0], 10) == rows[2:]
     assert await store.read(sid, "a", rows[-1][0], 10) == []
@@ -188,6 +195,11 @@ async def test_append_and_read(store: Store, redis: Redis) -> None:
     pttl_meta = await redis.pttl(store.keys.meta(sid))
     pttl_a = await redis.pttl(store.keys.events(sid, "a"))
     assert 0 < pttl_a <= pttl_meta + 10 and pttl_meta - pttl_a < 5000
+    # The meta's counts are written when the source ends.
+    assert await store.finish(sid, ["a"], done_fields(4)) == 1
+    meta = await store.meta(sid)
+    rows = await entries(store, sid, "a")
+    assert meta is not None and meta["a_tokens"] == "4" and meta["a_events"] == "5" and meta["a_last"] == rows[-1][0]
 
 
 async def test_reads_are_the_same_with_or_without_the_mux(store: Store, redis: Redis) -> None:
@@ -214,46 +226,59 @@ async def test_reads_are_the_same_with_or_without_the_mux(store: Store, redis: R
 
 
 async def test_append_many_in_one_round_trip(store: Store, redis: Redis) -> None:
-    s1, s2, queued = await running_stream(store), await running_stream(store), await new_stream(store)
-    out = await store.append_many([
-        (s1, "a", ["a1 ", "a2"], 0), (s2, "b", ["b1"], 0), (queued, "a", ["x"], 0), (s1, "b", ["é\n"], 0),
-    ])  # fmt: skip
-    assert out == [2, 1, -1, 1]
+    s1, s2, queued = await running_stream(store, b="w1"), await running_stream(store, b="w1"), await new_stream(store)
+    out, count = await store.append_many([
+        (s1, "a", ["a1 ", "a2"], 0, "0-0"), (s2, "b", ["b1"], 0, "0-0"), (queued, "a", ["x"], 0, "0-0"), (s1, "b", ["é\n"], 0, "0-0"),
+    ], worker="w1", written=0)  # fmt: skip
+    assert out == [await last_id(store, s1, "a"), await last_id(store, s2, "b"), -1, await last_id(store, s1, "b")]
+    assert count == 4 and await redis.get(store.keys.appended("w1")) == b"4"
+    assert 0 < await redis.pttl(store.keys.appended("w1")) <= APPENDED_TTL_S * 1000
     assert await store.text(s1, "a") == "a1 a2" and await store.text(s2, "b") == "b1" and await store.text(s1, "b") == "é\n"
-    # Retried with the same `expected` (a lost reply): nothing is written twice.
-    assert await store.append_many([(s1, "a", ["a1 ", "a2"], 0)]) == [2]
-    assert await store.text(s1, "a") == "a1 a2"
+    # Retried with the same count (its reply was lost): nothing is written twice, and the answer is the same.
+    again, count = await store.append_many([(s1, "a", ["a1 ", "a2"], 0, "0-0")], worker="w1", written=0)
+    assert again == out[:1] and count == 2 and await store.text(s1, "a") == "a1 a2"
+    # Only the lease's holder appends: to another worker's source, the write is refused (and ends it).
+    refused, count = await store.append_many([(s1, "a", ["not mine"], 2, out[0])], worker="w2", written=0)
+    assert refused == [-1] and count == 0
+    meta = await store.meta(s1)
+    assert meta is not None and meta["a_state"] == "failed" and "lost its lease" in meta["a_error"]
     # One call's error is that call's result; the others in the batch still run.
     await redis.delete(store.keys.events(s2, "a"))
     await redis.set(store.keys.events(s2, "a"), "not a stream")
-    out = await store.append_many([(s2, "a", ["x"], 0), (s1, "a", ["a3"], 2)])
-    assert isinstance(out[0], ResponseError) and out[1] == 1
-    assert await store.text(s1, "a") == "a1 a2a3"
+    out, count = await store.append_many([(s2, "a", ["x"], 0, "0-0"), (s1, "b", ["b2"], 1, out[3])], worker="w1", written=2)
+    assert isinstance(out[0], ResponseError) and out[1] == await last_id(store, s1, "b") and count == 3
+    assert await store.text(s1, "b") == "é\nb2"
     assert await redis.ping()  # the pooled connection is in step after the error
 
 
 async def test_append_many_after_redis_forgot_the_script(store: Store, redis: Redis) -> None:
-    sid = await running_stream(store)
+    sid = await running_stream(store, b="w1")
     await redis.script_flush()
-    assert await store.append_many([(sid, "a", ["x"], 0), (sid, "b", ["y"], 0)]) == [1, 1]
+    out, count = await store.append_many([(sid, "a", ["x"], 0, "0-0"), (sid, "b", ["y"], 0, "0-0")], worker="w1", written=0)
+    assert all(isinstance(r, bytes) for r in out) and count == 2
     assert await store.text(sid, "a") == "x" and await store.text(sid, "b") == "y"
 
 
 def test_packed_appends_are_what_pack_command_writes(store: Store) -> None:
-    calls = [("s1", "a", ["x"], 0), ("s1", "a", ["é\n", "", "two words"], 7), ("s-2", "b", ["y"], 12)]
-    for batch in (calls[:1], calls):
-        keys = [k for sid, src, _, _ in batch for k in (store.keys.meta(sid), store.keys.events(sid, src))]  # type: ignore[arg-type]
-        argv = [x for sid, src, texts, exp in batch for x in (store.keys.channel(sid), src, exp, exp + len(texts), len(texts), *texts)]
-        want = pack_command(("EVALSHA", store._append.sha, len(keys), *keys, *argv))
-        assert store._packed_appends(batch) == want  # type: ignore[arg-type]
+    calls = [("s1", "a", ["x"], 0, "0-0"), ("s1", "a", ["é\n", "", "two words"], 7, "17-3"), ("s-2", "b", ["y"], 12, "9-0")]
+    k = store.keys
+    for batch, written in ((calls[:1], 0), (calls, 40), (calls, None)):
+        keys = [k.appended("w1"), *(x for sid, src, *_ in batch for x in (k.lease(sid, src), k.events(sid, src), k.meta(sid)))]  # type: ignore[arg-type]
+        argv = [x for sid, src, texts, exp, prev in batch for x in (k.channel(sid), src, prev, exp, len(texts), *texts)]
+        head = ["w1", "" if written is None else written, APPENDED_TTL_S * 1000]
+        want = pack_command(("EVALSHA", store._append.sha, len(keys), *keys, *head, *argv))
+        assert store._packed_appends(batch, "w1", written) == want  # type: ignore[arg-type]
 
 
 async def test_append_many_reads_every_reply_of_a_large_batch(store: Store) -> None:
     sids = [await running_stream(store) for _ in range(40)]
-    calls = [(sid, "a", [f"{i}-{j} " for j in range(50)], 0) for i, sid in enumerate(sids)]
-    assert await store.append_many(calls) == [50] * 40  # type: ignore[arg-type]
-    # 40 x 50 texts again with the same `expected`: answered from the meta, nothing written twice
-    assert await store.append_many([*calls, (sids[0], "a", ["more"], 50)]) == [50] * 40 + [1]  # type: ignore[arg-type]
+    calls = [(sid, "a", [f"{i}-{j} " for j in range(50)], 0, "0-0") for i, sid in enumerate(sids)]
+    out, count = await store.append_many(calls, worker="w1", written=0)  # type: ignore[arg-type]
+    assert out == [await last_id(store, sid, "a") for sid in sids] and count == 2000
+    # 40 x 50 texts again with the same count: found in the streams, nothing written twice
+    more = (sids[0], "a", ["more"], 50, out[0])
+    again, count = await store.append_many([*calls, more], worker="w1", written=0)  # type: ignore[arg-type, list-item]
+    assert again[:40] == out and again[40] == await last_id(store, sids[0], "a") and count == 2001
     assert await store.text(sids[0], "a") == "".join(f"0-{j} " for j in range(50)) + "more"
 
 
@@ -264,11 +289,12 @@ async def test_append_many_times_out_when_redis_does_not_answer(redis_server: Re
         sid = await running_stream(store)
         await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # scripts that write wait
         with pytest.raises(RedisTimeoutError):
-            await store.append_many([(sid, "a", ["x"], 0)])
+            await store.append_many([(sid, "a", ["x"], 0, "0-0")], worker="w1", written=0)
         await asyncio.sleep(1.5)
         # The connection that timed out was dropped (its late reply would answer the next call);
-        # the retry with the same `expected` writes nothing twice.
-        assert await store.append_many([(sid, "a", ["x"], 0), (sid, "a", ["y"], 1)]) == [1, 1]
+        # the retry with the same count writes nothing twice.
+        out, count = await store.append_many([(sid, "a", ["x", "y"], 0, "0-0")], worker="w1", written=0)
+        assert out == [await last_id(store, sid, "a")] and count == 2
         assert await store.text(sid, "a") == "xy"
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")
@@ -427,11 +453,13 @@ async def test_too_long_when_the_retried_write_had_reached_the_limit(store: Stor
     to a dropped connection: its retry ends the source with `too_long`, not as a gap."""
     store = Store(redis, with_settings(store.settings, max_source_events=5))
     sid = await running_stream(store)
-    assert await store.append(sid, "a", ["1", "2", "3"], expected=0) == 3
+    out, count = await store.append_many([(sid, "a", ["1", "2", "3"], 0, "0-0")], worker="w1", written=0)
     k = store.keys
-    first_attempt = [k.channel(sid), "a", 3, 4, 1, "4"]  # what fits of ["4", "5", "6"]
-    assert await store._append(keys=[k.meta(sid), k.events(sid, "a")], args=first_attempt) == [1]
-    assert await store.append(sid, "a", ["4", "5", "6"], expected=3) == -1  # the retry
+    first_attempt = ["w1", count, 60_000, k.channel(sid), "a", out[0], 3, 1, "4"]  # what fits of ["4", "5", "6"]
+    keys = [k.appended("w1"), k.lease(sid, "a"), k.events(sid, "a"), k.meta(sid)]
+    assert (await store._append(keys=keys, args=first_attempt))[1] == 4  # one more fitted; not ended yet
+    retried, _ = await store.append_many([(sid, "a", ["4", "5", "6"], 3, out[0])], worker="w1", written=count)
+    assert retried == [-1]
     rows = await entries(store, sid, "a")
     assert [f.get("text", f.get("code")) for _, f in rows] == ["1", "2", "3", "4", "too_long"]
 
@@ -626,21 +654,47 @@ async def test_renew_and_reap(store: Store, redis: Redis) -> None:
 async def test_renewals_ride_with_appends_in_one_round_trip(store: Store, redis: Redis) -> None:
     sid, other = await running_stream(store), await running_stream(store)  # A held by w1, B by w2
     await redis.pexpire(store.keys.lease(sid, "a"), 100)
-    out = await store.append_many([(sid, "a", ["x"], 0)], [(sid, "a", "w1"), (other, "b", "w1")])
-    assert out == [1, 1, -1]  # the append; A's lease renewed; B of `other` is not w1's: ended
+    out, count = await store.append_many([(sid, "a", ["x"], 0, "0-0")], [(sid, "a", "w1"), (other, "b", "w1")], worker="w1", written=0)
+    assert out[1:] == [1, -1] and isinstance(out[0], bytes)  # the append; A's lease renewed; B of `other` is not w1's: ended
     assert await redis.pttl(store.keys.lease(sid, "a")) > 100
     meta = await store.meta(other)
     assert meta is not None and meta["b_state"] == "failed" and "lost its lease" in meta["b_error"]
     await redis.script_flush()  # and after Redis forgot both scripts
-    assert await store.append_many([(sid, "a", ["y"], 1)], [(sid, "a", "w1")]) == [1, 1]
+    again, _ = await store.append_many([(sid, "a", ["y"], 1, out[0])], [(sid, "a", "w1")], worker="w1", written=count)
+    assert again[1] == 1 and isinstance(again[0], bytes)
     assert await store.text(sid, "a") == "xy"
 
 
-async def test_append_that_finds_writes_missing_ends_the_source(store: Store) -> None:
+async def test_an_append_whose_lease_expired_ends_the_source(store: Store, redis: Redis) -> None:
+    """The worker stalled for longer than its lease: its next append ends the source, as the sweeper
+    or the next renewal would have."""
     sid = await running_stream(store)
-    assert await store.append(sid, "a", ["x", "y"], expected=0) == 2
-    assert await store.append(sid, "a", ["z"], expected=5) == -1  # Redis has fewer than the worker wrote
+    await redis.delete(store.keys.lease(sid, "a"))
+    out, _ = await store.append_many([(sid, "a", ["late"], 0, "0-0")], worker="w1", written=0)
+    assert out == [-1]
+    rows = await entries(store, sid, "a")
+    assert [f.get("code") for _, f in rows] == ["worker_lost"]
+
+
+async def test_append_that_finds_writes_missing_ends_the_source(store: Store, redis: Redis) -> None:
+    """Redis restarted without the worker's latest writes (an AOF fsynced once a second): its count
+    is behind what the worker knows, so the write is checked source by source; a source that lost
+    entries readers may have had ends with `worker_lost`, one that lost none goes on."""
+    sid, other = await running_stream(store), await running_stream(store)
+    out, count = await store.append_many([(sid, "a", ["x", "y"], 0, "0-0"), (other, "a", ["o"], 0, "0-0")], worker="w1", written=0)
+    assert count == 3
+    # What a restart that lost the last write of `sid` (and its count) would leave.
+    await redis.xdel(store.keys.events(sid, "a"), out[0])
+    await redis.set(store.keys.appended("w1"), 1)
+    prev = await last_id(store, sid, "a")
+    out2, count = await store.append_many([(sid, "a", ["z"], 2, out[0]), (other, "a", ["p"], 1, out[1])], worker="w1", written=3)
+    assert out2[0] == -1 and out2[1] == await last_id(store, other, "a") and count == 4
     rows = await store.read(sid, "a", "0-0", 10)
-    assert [f.get("text", f.get("code")) for _, f in rows] == ["x", "y", "worker_lost"]
+    assert rows[0][0].encode() == prev and [f.get("text", f.get("code")) for _, f in rows] == ["x", "worker_lost"]
     meta = await store.meta(sid)
     assert meta is not None and meta["a_state"] == "failed" and "Redis lost part" in meta["a_error"]
+    assert await store.text(other, "a") == "op"
+    # A count that expired (a worker idle for days) only makes the next write checked.
+    await redis.delete(store.keys.appended("w1"))
+    out3, count = await store.append_many([(other, "a", ["q"], 2, out2[1])], worker="w1", written=count)
+    assert isinstance(out3[0], bytes) and count == 5 and await store.text(other, "a") == "opq"

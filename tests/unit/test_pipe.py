@@ -23,20 +23,25 @@ class RecordingStore:
         self.written: dict[tuple[str, str], list[str]] = {}
         self.renew_result = 1
 
-    async def append_many(self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = ()) -> list[int]:
+    async def append_many(
+        self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = (), *, worker: str, written: int | None = None
+    ) -> tuple[list[bytes | int], int]:
+        assert worker == "w1" and written == sum(len(v) for v in self.written.values())  # the pipe keeps the count
         self.writes.append((asyncio.get_running_loop().time(), list(calls)))
         self.renewed.append(list(renewals))
         await asyncio.sleep(0)  # a round trip: tokens added meanwhile wait for the next write
-        for sid, src, texts, expected in calls:
+        for sid, src, texts, expected, prev in calls:
             got = self.written.setdefault((sid, src), [])
             assert expected == len(got)  # each batch carries how many went before it
+            assert prev == (b"%d-0" % len(got) if got else "0-0")  # and the last entry id before it
             got.extend(texts)
-        return [len(texts) for _, _, texts, _ in calls] + [self.renew_result] * len(renewals)
+        lasts: list[bytes | int] = [b"%d-0" % len(self.written[sid, src]) for sid, src, *_ in calls]
+        return lasts + [self.renew_result] * len(renewals), sum(len(v) for v in self.written.values())
 
 
 @asynccontextmanager
 async def running(store: RecordingStore, window_s: float = 0.0) -> AsyncIterator[AppendPipe]:
-    pipe = AppendPipe(cast(Store, store), window_s)
+    pipe = AppendPipe(cast(Store, store), "w1", window_s)
     pipe.start()
     try:
         yield pipe
@@ -65,7 +70,7 @@ async def test_writes_start_at_most_once_per_window_and_lose_nothing() -> None:
     assert min(gaps) >= window - 0.002  # uvloop's clock has 1 ms resolution
     # ~0.2 s of tokens in 0.05 s windows: a handful of writes, each carrying many tokens
     assert len(store.writes) < 40 / 2
-    assert max(len(texts) for _, calls in store.writes for _, _, texts, _ in calls) > 1
+    assert max(len(texts) for _, calls in store.writes for _, _, texts, *_ in calls) > 1
 
 
 async def test_the_first_write_after_a_quiet_spell_goes_out_at_once() -> None:
@@ -82,7 +87,7 @@ async def test_without_a_window_tokens_added_during_a_write_go_in_the_next() -> 
     async with running(store) as pipe:
         await produce(pipe, sources=3, tokens=20, every_s=0)
     assert store.written == {(f"s{i}", "a"): [f"{t} " for t in range(20)] for i in range(3)}
-    assert sum(len(texts) for _, calls in store.writes for _, _, texts, _ in calls) == 60
+    assert sum(len(texts) for _, calls in store.writes for _, _, texts, *_ in calls) == 60
 
 
 async def test_lease_renewals_ride_along_with_the_appends() -> None:
@@ -114,7 +119,7 @@ async def test_lease_renewals_ride_along_with_the_appends() -> None:
 
 async def test_stopping_the_pipe_releases_waiting_renewals() -> None:
     store = RecordingStore()
-    pipe = AppendPipe(cast(Store, store), window_s=3600.0)
+    pipe = AppendPipe(cast(Store, store), "w1", window_s=3600.0)
     pipe.start()
     await asyncio.wait_for(pipe.renew("s", "a", "w1"), 10)  # the first write starts the window
     waiting = asyncio.ensure_future(pipe.renew("s", "a", "w1"))  # held by the window
@@ -132,7 +137,7 @@ async def test_a_source_with_a_whole_batch_buffered_does_not_wait_for_the_window
             ap.add(f"{i} ")
         await asyncio.wait_for(ap.close(), 10)  # would hang behind the window
     assert store.written == {("s", "a"): [f"{i} " for i in range(32)]}
-    assert [len(texts) for _, calls in store.writes for _, _, texts, _ in calls] == [8, 8, 8, 8]
+    assert [len(texts) for _, calls in store.writes for _, _, texts, *_ in calls] == [8, 8, 8, 8]
 
 
 async def test_a_producer_faster_than_redis_waits_once_four_batches_are_buffered() -> None:
