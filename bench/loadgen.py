@@ -202,10 +202,15 @@ class CountSink(Sink):
 class ParseSink(Sink):
     """Latency jobs: every event with its id; token latency = receipt - the id's write millisecond."""
 
-    def __init__(self, window_ms: tuple[float, float] = (-INF, INF), require_flush: bool = False) -> None:
+    def __init__(self, window_ms: tuple[float, float] = (-INF, INF), require_flush: bool = False, interval_ms: float | None = None) -> None:
         self.window = window_ms
         self.require_flush = require_flush  # tandem: only A's tokens written after the flush are live
         self.token_lat: list[float] = []
+        # From each token's due time in its producer's schedule (the first token's write + i x the
+        # interval) to its receipt: what a person sees, the producer's own delays and (tandem) the
+        # worker's write window included, which the write-to-receipt latency leaves out.
+        self.interval_ms = interval_ms
+        self.due_lat: list[float] = []
 
     def block(self, reader: Reader, rec: Rec, block: bytes, t: float) -> None:
         for m in _MSG.finditer(block):
@@ -239,6 +244,8 @@ class ParseSink(Sink):
                     live = rec.flush_t is not None and ms > rec.flush_t * 1000 if self.require_flush else True
                     if live and self.window[0] <= ms <= self.window[1] and not (rec.excl_lo <= ms <= rec.excl_hi):
                         self.token_lat.append(t * 1000 - ms)
+                        if self.interval_ms is not None:
+                            self.due_lat.append(t * 1000 - (rec.first_a_ms + (rec.a_deltas - 1) * self.interval_ms))
             elif ev == b"done":
                 if src == 98:
                     rec.b_done_ms = ms
@@ -538,7 +545,7 @@ async def job_paced(job: Job) -> dict[str, Any]:
     n, ramp = len(job.recs), spec["ramp_s"]
     t0 = time.time()
     w0, w1 = spec.get("window_s", (0.0, 1e9))
-    sink = ParseSink((1000 * (t0 + w0), 1000 * (t0 + w1)), require_flush=spec.get("require_flush", False))
+    sink = ParseSink((1000 * (t0 + w0), 1000 * (t0 + w1)), require_flush=spec.get("require_flush", False), interval_ms=spec["a"].get("interval_ms"))
     resume_idx = set(job.rng.sample(range(n), round(n * spec.get("resume_fraction", 0.0))))
     lo, hi = spec.get("resume_at_s", (1.0, 2.0))
     gap = spec.get("resume_gap_s", 0.2)
@@ -593,6 +600,7 @@ async def job_paced(job: Job) -> dict[str, Any]:
     return {
         "complete": complete,
         "token_lat_ms": [round(x, 3) for x in sink.token_lat],
+        "due_lat_ms": [round(x, 3) for x in sink.due_lat],
         **per,
         "deltas": sum(r.deltas for r in job.recs),
         "resumes": len(per["resume_ms"]),

@@ -12,7 +12,7 @@ THROUGHPUT_FIELDS = (
     "client_cpu_us_per_event", "server_cpu_pct", "first_delta_p50_ms", "first_delta_p99_ms",
 )  # fmt: skip
 LATENCY_FIELDS = (
-    "token_p50_ms", "token_p99_ms", "ttfd_p50_ms", "ttfd_p99_ms", "server_cpu_pct", "server_cpu_us_per_event",
+    "token_p50_ms", "token_p99_ms", "due_p50_ms", "due_p99_ms", "ttfd_p50_ms", "ttfd_p99_ms", "server_cpu_pct", "server_cpu_us_per_event",
     "stack_cpu_us_per_event",
 )  # fmt: skip
 TANDEM_LATENCY_FIELDS = (
@@ -207,6 +207,8 @@ def table(doc: dict[str, Any]) -> str:
 def _latency_rows(row: Any, t: dict[str, Any], b: dict[str, Any], at: str) -> None:
     row(f"token latency p50 {at}", t.get("token_p50_ms"), b.get("token_p50_ms"), digits=2)
     row(f"token latency p99 {at}", t.get("token_p99_ms"), b.get("token_p99_ms"), "<= 5 ms", digits=2)
+    row(f"  from its due time p50 / p99 {at}", t.get("due_p50_ms"), b.get("due_p50_ms"), digits=2)
+    row("", t.get("due_p99_ms"), b.get("due_p99_ms"), digits=2)
     row(f"time to first delta p50 (create->) {at}", t.get("ttfd_p50_ms"), b.get("ttfd_p50_ms"))
     row(f"time to first delta p99 (create->) {at}", t.get("ttfd_p99_ms"), b.get("ttfd_p99_ms"))
     row(f"flush reaction p50 / p99, all open {at}", t.get("flush_steady_p50_ms"), None, digits=2)

@@ -380,6 +380,7 @@ class Bench:
             "token_samples": len(lat),
             **_named("token", pcts(lat, 0.5, 0.9, 0.99, 0.999)),
             "token_max_ms": lat[-1] if lat else None,
+            **_named("due", pcts((x for r in results for x in r["due_lat_ms"]), 0.5, 0.99)),
             "token_cdf_ms": [lat[min(len(lat) - 1, round(i * (len(lat) - 1) / 200))] for i in range(201)] if lat else [],
             **_named("ttfd", pcts((x for r in results for x in r["ttfd_ms"]), 0.5, 0.99)),
             **_named("create", pcts((x for r in results for x in r["create_ms"]), 0.5, 0.99)),

@@ -533,7 +533,13 @@ class Store:
         return len(texts) if isinstance(result, bytes) else -1
 
     async def append_many(
-        self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = (), *, worker: str, written: int | None = None
+        self,
+        calls: Sequence[AppendCall],
+        renewals: Sequence[RenewCall] = (),
+        *,
+        worker: str,
+        written: int | None = None,
+        conn: AbstractConnection | None = None,
     ) -> tuple[list[bytes | int | ResponseError], int]:
         """Many appends (each to its own source) in one round trip and one script call: a worker's
         append pipe writes every running source's buffered tokens this way (workers/pipe.py). Per
@@ -545,8 +551,9 @@ class Store:
 
         `worker`: the id the sources' leases hold. `written`: the worker's count of appended deltas
         (its `appended` key), as this function last returned it (0 at first); None for a one-off
-        write. A connection error raises; the worker retries with the same calls and count: a
-        write that did reach Redis is not applied twice, and a renewal is repeatable.
+        write. `conn`: the caller's own connection (`connection`), else a pooled one. A connection
+        error raises; the worker retries with the same calls and count: a write that did reach
+        Redis is not applied twice, and a renewal is repeatable.
 
         This is the hottest path of a worker (a thousand paced sources: one append per token), so
         it skips what a redis-py pipeline costs per batch and per command: the EVALSHAs are packed
@@ -570,7 +577,7 @@ class Store:
         for attempt in (1, 2):
             if not payload:
                 break
-            replies = await self._pipelined(payload, (1 if sending else 0) + len(renewals))
+            replies = await self._pipelined(payload, (1 if sending else 0) + len(renewals), conn)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 await self.redis.script_load(_APPEND)
                 await self.redis.script_load(_RENEW)
@@ -650,7 +657,25 @@ class Store:
             raise reply
         return reply
 
-    async def _pipelined(self, payload: bytes, n: int) -> list[Any]:
+    def connection(self) -> AbstractConnection:
+        """A connection of its own, outside the pool, for a caller that writes many times a second
+        and one write at a time (a worker's append pipe: `append_many(..., conn=)`); the caller
+        disconnects it when done. (A pooled connection is checked for unread data each time it is
+        taken: a syscall and several coroutines per write.)"""
+        pool = self.redis.connection_pool
+        conn: AbstractConnection = pool.connection_class(**pool.connection_kwargs)
+        return conn
+
+    async def _pipelined(self, payload: bytes, n: int, conn: AbstractConnection | None = None) -> list[Any]:
+        """Write `payload` (`n` packed commands) and read the `n` replies, on `conn` if given (it
+        then reconnects by itself after an error), else on a pooled connection."""
+        if conn is not None:
+            try:
+                await conn.send_packed_command(payload, check_health=False)
+                return await _read_replies(conn, n)
+            except BaseException:
+                await conn.disconnect(nowait=True)  # replies may be left unread: never reuse the socket
+                raise
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
         try:

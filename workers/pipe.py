@@ -43,12 +43,14 @@ class AppendPipe:
         self._hurry = Waker()  # set: some source has a whole batch buffered; the window does not hold it
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._conn = store.connection()  # the pipe's own: it writes one batch at a time
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tandem-append-pipe")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
+        await self._conn.disconnect()
 
     def appender(self, stream_id: str, source: str, max_batch: int) -> Appender:
         return Appender(self, stream_id, source, max_batch)  # type: ignore[arg-type]
@@ -113,6 +115,6 @@ class AppendPipe:
 
     async def _write(self, calls: list[AppendCall], renewals: list[Renewal]) -> list[bytes | int | BaseException]:
         results, self._written = await self._store.append_many(
-            calls, [(sid, src, worker) for sid, src, worker, _ in renewals], worker=self._worker, written=self._written
+            calls, [(sid, src, worker) for sid, src, worker, _ in renewals], worker=self._worker, written=self._written, conn=self._conn
         )
         return list(results)

@@ -12,6 +12,7 @@ from arq.constants import job_key_prefix, retry_key_prefix
 from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -299,6 +300,24 @@ async def test_append_many_times_out_when_redis_does_not_answer(redis_server: Re
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")
         await slow.aclose()
+
+
+async def test_append_many_on_a_connection_of_its_own(store: Store, redis: Redis) -> None:
+    """A worker's append pipe writes on a connection outside the pool; after Redis dropped it, the
+    write raises and the retry connects again."""
+    sid = await running_stream(store)
+    conn = store.connection()
+    try:
+        out, count = await store.append_many([(sid, "a", ["x"], 0, "0-0")], worker="w1", written=0, conn=conn)
+        assert isinstance(out[0], bytes) and count == 1
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        call = (sid, "a", ["y"], 1, out[0])
+        with pytest.raises(RedisConnectionError):
+            await store.append_many([call], worker="w1", written=count, conn=conn)
+        again, count = await store.append_many([call], worker="w1", written=count, conn=conn)
+        assert isinstance(again[0], bytes) and count == 2 and await store.text(sid, "a") == "xy"
+    finally:
+        await conn.disconnect()
 
 
 async def test_append_to_a_queued_or_unknown_source_is_refused(store: Store) -> None:

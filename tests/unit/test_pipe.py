@@ -6,12 +6,17 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import pairwise
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
 from shared.store import AppendCall, RenewCall, Store
 from workers.pipe import AppendPipe
+
+
+class FakeConnection:
+    async def disconnect(self) -> None:
+        pass
 
 
 class RecordingStore:
@@ -23,9 +28,13 @@ class RecordingStore:
         self.written: dict[tuple[str, str], list[str]] = {}
         self.renew_result = 1
 
+    def connection(self) -> Any:
+        return FakeConnection()
+
     async def append_many(
-        self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = (), *, worker: str, written: int | None = None
+        self, calls: Sequence[AppendCall], renewals: Sequence[RenewCall] = (), *, worker: str, written: int | None = None, conn: Any = None
     ) -> tuple[list[bytes | int], int]:
+        assert isinstance(conn, FakeConnection)  # the pipe writes on a connection of its own
         assert worker == "w1" and written == sum(len(v) for v in self.written.values())  # the pipe keeps the count
         self.writes.append((asyncio.get_running_loop().time(), list(calls)))
         self.renewed.append(list(renewals))
