@@ -186,11 +186,28 @@ class Hub:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     def _take(self, data: bytes) -> None:
-        parser, size = self._parser, len(data)
+        parser, size, listeners = self._parser, len(data), self._listeners
         for offset in range(0, size, FEED_BYTES):
             parser.feed(data, offset, min(FEED_BYTES, size - offset))
             while (reply := parser.gets()) is not False:
-                self._dispatch(reply)
+                # A published message, nearly every reply, is handed on here rather than through
+                # `_dispatch` (20,000 a second at 1,000 paced streams).
+                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                    group = listeners.get(reply[1].decode())
+                    if group:
+                        self._announce(group, reply[1], reply[2])
+                else:
+                    self._dispatch(reply)
+
+    @staticmethod
+    def _announce(group: set[Listener], channel: bytes, payload: bytes) -> None:
+        try:
+            ann = parse_announcement(payload)
+        except (ValueError, KeyError, TypeError, IndexError):
+            log.warning("ignored a malformed announcement", extra={"channel": channel.decode()})
+            return
+        for listener in list(group):
+            listener.on_announcement(ann)
 
     async def _read(self, conn: AbstractConnection) -> bytes:
         """What the socket has now (up to READ_BUFFER_BYTES), or b"" after `read_timeout` of silence."""
@@ -274,15 +291,8 @@ class Hub:
         channel = raw.decode() if isinstance(raw, bytes) else str(raw)
         if kind == b"message":
             group = self._listeners.get(channel)
-            if not group:
-                return
-            try:
-                ann = parse_announcement(reply[2])
-            except (ValueError, KeyError, TypeError, IndexError):
-                log.warning("ignored a malformed announcement", extra={"channel": channel})
-                return
-            for listener in list(group):
-                listener.on_announcement(ann)
+            if group and len(reply) > 2:
+                self._announce(group, raw if isinstance(raw, bytes) else channel.encode(), reply[2])
         elif kind == b"subscribe":
             if channel in self._subscribed:
                 self._confirmed.add(channel)

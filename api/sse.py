@@ -70,7 +70,7 @@ async def event_stream(
         if on_events is not None:
             on_events(items, now)  # type: ignore[arg-type]
         live.ping_due = now + ping_s
-        return b"".join([item.sse() for item in items]), wake_at
+        return (items[0].sse() if len(items) == 1 else b"".join([item.sse() for item in items])), wake_at
 
     def deliver() -> None:
         """The feed took in an announcement (in the hub's callback). While this stream is parked
@@ -79,7 +79,7 @@ async def event_stream(
         brought it (at 20,000 paced tokens/s that was a third of the API's CPU). Anything else is
         the task's: it is woken when there is more to do than this, or sooner than it would wake."""
         writer = live.writer
-        if not parked or writer is None or live.closed or not writer.ready() or feed.needs_fill():
+        if not parked or writer is None or live.reason is not None or not writer.ready() or feed.needs_fill():
             feed.waker.set()
             return
         try:

@@ -72,11 +72,12 @@ class Pacer:
         "_a",
         "_a_state",
         "_b",
-        "_b_complete",
         "_b_state",
         "_next_a",
         "_next_b",
         "_phase",
+        "a_finished",
+        "b_complete",
         "b_interval",
         "finished",
         "slow_interval",
@@ -97,8 +98,10 @@ class Pacer:
         self.b_interval = b_interval_s
         self._a = Fifo()
         self._b = Fifo()
-        self._b_complete = b_complete or b_state is not None
+        # Plain attributes, not properties: the feed asks for them on every event.
+        self.b_complete = b_complete or b_state is not None  # B's terminal entry is written (not necessarily sent)
         self._a_state = a_state  # set once A's terminal event has been emitted
+        self.a_finished = a_state is not None
         self._b_state = b_state
         self._next_a = float("-inf")
         self._next_b = float("-inf")
@@ -110,23 +113,15 @@ class Pacer:
     def push(self, event: Event) -> None:
         (self._a if event.source == "a" else self._b).append(event)
         if event.source == "b" and event.terminal:
-            self._b_complete = True
+            self.b_complete = True
 
     def b_completed(self) -> None:
-        self._b_complete = True
+        self.b_complete = True
 
     # -- state the feeder needs ----------------------------------------------------------------
 
     def pending(self, source: str) -> int:
         return len(self._a if source == "a" else self._b)
-
-    @property
-    def a_finished(self) -> bool:
-        return self._a_state is not None
-
-    @property
-    def b_complete(self) -> bool:
-        return self._b_complete
 
     @property
     def phase(self) -> PhaseName | None:
@@ -142,10 +137,10 @@ class Pacer:
             if self._a_state is None:
                 # A's events: this runs for nearly every event a connection sends, so the queue
                 # is read in place and a delta costs no method call but the pop.
-                self._enter("flush" if self._b_complete else "slow", out)
+                self._enter("flush" if self.b_complete else "slow", out)
                 a = self._a
                 items = a._items
-                paced = not self._b_complete and self.slow_interval > 0
+                paced = not self.b_complete and self.slow_interval > 0
                 while n < limit:
                     if a._head == len(items):
                         return out, None
@@ -160,6 +155,7 @@ class Pacer:
                     n += 1
                     if not delta and head.terminal:
                         self._a_state = state_after_event(head)
+                        self.a_finished = True
                         # B's events may not be loaded yet: let the caller read them before
                         # deciding between "waiting" and "b".
                         return out, now
