@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from workers.pipe import AppendPipe
 
 
+STOPPED, ADDED, BACKLOGGED = 0, 1, 2  # what `add` answers
+
+
 class Appender:
     __slots__ = ("_buf", "_error", "_inflight", "_max_batch", "_pipe", "_queued", "_waiter", "appended", "last", "source", "stopped", "stream_id")
 
@@ -40,22 +43,27 @@ class Appender:
         self.last: str | bytes = "0-0"  # the source's last entry id (the next append's `prev`; bytes, as Redis answered it)
         self.stopped = False  # the source is no longer running (cancelled, too long, lost)
 
-    def add(self, text: str) -> bool:
-        """Queue one chunk. False once the source has stopped: the caller stops producing. When
-        `backlogged` afterwards, the caller awaits `wait_written` before the next one. (Not a
-        coroutine: this runs once per token, and most calls have nothing to wait for.)"""
-        if self._error is not None:
-            raise self._error
+    def add(self, text: str) -> int:
+        """Queue one chunk. STOPPED (0, false) once the source has stopped: the caller stops
+        producing. BACKLOGGED when four batches are buffered (the producer is faster than Redis):
+        the caller awaits `wait_written` before the next one. (Not a coroutine: this runs once per
+        token, and most calls have nothing to wait for.)"""
         if self.stopped:
-            return False
+            if self._error is not None:
+                raise self._error
+            return STOPPED
         buf = self._buf
         buf.append(text)
-        if len(buf) == self._max_batch:
-            self._pipe.hurry()
         if not self._queued and not self._inflight:
             self._queued = True
             self._pipe.want(self)
-        return True
+        n, batch = len(buf), self._max_batch
+        if n >= batch:
+            if n == batch:
+                self._pipe.hurry()
+            if n >= batch * 4:
+                return BACKLOGGED
+        return ADDED
 
     @property
     def backlogged(self) -> bool:

@@ -27,7 +27,7 @@ from typing import Any, cast
 from shared.events import done_fields, error_fields
 from shared.keys import Source
 from shared.store import Store
-from workers.appender import Appender
+from workers.appender import BACKLOGGED, Appender
 from workers.lease import Lease, redis_retry
 from workers.metrics import source_run
 from workers.registry import Registry
@@ -121,10 +121,11 @@ async def _produce(task: Task[Any], meta: dict[str, str], src: Source, tctx: Tas
             async with deadline:
                 async for chunk in gen:
                     if chunk:
-                        if not appender.add(chunk):
+                        added = appender.add(chunk)
+                        if not added:
                             break
-                        if appender.backlogged:
-                            await appender.wait_written()  # backpressure: the task is faster than Redis
+                        if added == BACKLOGGED:
+                            await appender.wait_written()  # the task is faster than Redis
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         await appender.close()

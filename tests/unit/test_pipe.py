@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 
 from shared.store import AppendCall, RenewCall, Store
+from workers.appender import BACKLOGGED
 from workers.pipe import AppendPipe
 
 
@@ -156,13 +157,12 @@ async def test_a_producer_faster_than_redis_waits_once_four_batches_are_buffered
         for i in range(15):
             ap.add(f"{i} ")  # nothing has been written yet: no await in between
         assert not ap.backlogged
-        ap.add("15 ")
-        assert ap.backlogged  # 16 = 4 batches of 4: the producer waits for the writes
+        assert ap.add("15 ") == BACKLOGGED and ap.backlogged  # 16 = 4 batches of 4: the producer waits for the writes
         await asyncio.wait_for(ap.wait_written(), 10)
         assert not ap.backlogged and ap.appended == 16
         # A stopped source (cancelled, too long) answers False; a write error is raised to the producer.
         ap.applied(-1)
-        assert ap.add("late ") is False
+        assert not ap.add("late ")
         failing = pipe.appender("t", "a", 4)
         failing.applied(RuntimeError("boom"))
         with pytest.raises(RuntimeError, match="boom"):
