@@ -281,14 +281,13 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
 
     def on_events(items: list[Event | Phase], now: float) -> None:
         for item in items:
-            if isinstance(item, Phase):
-                if item.phase == "flush" and feed.b_completed_at is not None:
-                    metrics.flush_reaction.observe(max(0.0, time.perf_counter() - feed.b_completed_at))
-                continue
-            sent[item.source, item.kind] += 1
-            if first[0] and item.kind == "delta":
-                first[0] = False
-                metrics.first_delta.observe(now - opened)
+            if isinstance(item, Event):
+                sent[item.source, item.kind] += 1
+            elif item.phase == "flush" and feed.b_completed_at is not None:
+                metrics.flush_reaction.observe(max(0.0, time.perf_counter() - feed.b_completed_at))
+        if first[0] and any(isinstance(item, Event) and item.kind == "delta" for item in items):
+            first[0] = False
+            metrics.first_delta.observe(now - opened)
 
     live = Liveness(feed.waker)
     state.open_streams.add(live)

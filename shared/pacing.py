@@ -136,21 +136,30 @@ class Pacer:
         while not self.finished and n < limit:
             if self._a_state is None:
                 # A's events: this runs for nearly every event a connection sends, so the queue
-                # is read in place and a delta costs no method call but the pop.
-                self._enter("flush" if self.b_complete else "slow", out)
+                # is read in place and a delta costs no method call (but the pop of a queue that
+                # holds more than it).
+                phase: PhaseName = "flush" if self.b_complete else "slow"
+                if self._phase != phase:
+                    self._phase = phase
+                    out.append(_PHASES[phase])
                 a = self._a
                 items = a._items
                 paced = not self.b_complete and self.slow_interval > 0
                 while n < limit:
-                    if a._head == len(items):
+                    i = a._head
+                    if i == len(items):
                         return out, None
-                    head = items[a._head]
+                    head = items[i]
                     delta = head.kind == "delta"
                     if paced and delta:
                         if now < self._next_a:
                             return out, self._next_a
                         self._next_a = now + self.slow_interval
-                    a.popleft()
+                    if i + 1 == len(items):
+                        items.clear()  # the queue is empty now: what popleft would do, without the call
+                        a._head = 0
+                    else:
+                        a.popleft()
                     out.append(head)
                     n += 1
                     if not delta and head.terminal:
