@@ -223,6 +223,18 @@ def _latency_rows(row: Any, t: dict[str, Any], b: dict[str, Any], at: str) -> No
     row(f"  server CPU % of a core {at}", t.get("server_cpu_pct"), b.get("server_cpu_pct"))
     row(f"  server CPU us/event {at}", t.get("server_cpu_us_per_event"), b.get("server_cpu_us_per_event"))
     row(f"  all server procs CPU us/event {at}", t.get("stack_cpu_us_per_event"), b.get("stack_cpu_us_per_event"))
+    row(f"  streams complete, in order {at}", t.get("streams_ok"), b.get("streams_ok"), f"= {_f(t.get('streams'))}")
+
+
+def problems(doc: dict[str, Any]) -> list[str]:
+    """What a run got wrong rather than slow: paced streams that did not complete with every
+    token, in order and exactly once."""
+    out: list[str] = []
+    for name, r in (doc.get("latency") or {}).items():
+        if r.get("streams_ok") != r.get("streams") or r.get("order_errors"):
+            out.append(f"{name}: {r.get('streams_ok')} of {r.get('streams')} paced streams complete, "
+                       f"{r.get('order_errors')} out-of-order events, errors {r.get('errors')}")  # fmt: skip
+    return out
 
 
 # -- the picture ------------------------------------------------------------------------------

@@ -772,12 +772,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
     png = report.plot(doc, args.out / "bench.png")
     print(report.table(doc))
-    missing = report.missing(doc)
+    missing, wrong = report.missing(doc), report.problems(doc)
     log(f"wrote {args.out / 'results.json'}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
+    for problem in wrong:
+        log(f"PROBLEM: {problem}")
     if missing:
         log(f"missing or non-numeric fields: {', '.join(missing)}")
-        return 1
-    return 0
+    return 1 if missing or wrong else 0
 
 
 if __name__ == "__main__":

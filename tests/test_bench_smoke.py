@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import missing, required_fields
+from bench.report import missing, problems, required_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,7 @@ def test_bench_smoke_writes_every_field(tmp_path: Path) -> None:
     assert any(f.startswith("open_streams.") for f in fields)
     assert "backlog.tandem.backlog_ms" in fields
     assert missing(doc) == []
+    assert problems(doc) == []  # every paced stream complete, in order, exactly once (both targets)
     assert {t["name"] for t in doc["targets"]} >= {"token latency p99", "flush reaction p99", "resume latency p99"}
     assert "events/s" in proc.stdout  # the table
     if importlib.util.find_spec("matplotlib") is not None:
