@@ -48,7 +48,7 @@ class SourceState:
 
 
 class Feed:
-    __slots__ = ("_a", "_b", "_batch", "_check_b", "_store", "_stream_id", "b_completed_at", "notify", "pacer", "resyncs", "waker")
+    __slots__ = ("_a", "_b", "_batch", "_check_b", "_store", "_stream_id", "b_completed_at", "notify", "pacer", "resyncs", "send", "waker")
 
     def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
         """`cursor`: read strictly after it (see `start_point`)."""
@@ -60,6 +60,9 @@ class Feed:
         # Called once an announcement has been taken in: wakes the reader, unless the reader put
         # something quicker in its place (api/sse.py sends straight from the hub's callback).
         self.notify: Callable[[], None] = self.waker.set
+        # Set by the reader while it may send from the hub's callback: sends A's next event if the
+        # pacer lets it through as it arrives (`Pacer.passes`), or answers False (queue it as usual).
+        self.send: Callable[[Event], bool] | None = None
         if cursor.source == "b":
             self._a, self._b = SourceState(closed=True), SourceState(cursor.entry)
         else:
@@ -100,6 +103,9 @@ class Feed:
                 st.dirty = True  # too many to keep: read again after this read
         elif st.behind or not wanted:
             st.behind = True
+        elif src == "a" and self.send is not None and len(events) == 1 and ann.prev == st.after and self.send(events[0]):
+            st.after = events[0].cursor.entry  # sent as it came: nothing queued, nothing to wake
+            return
         else:
             self._chain(st, ann)
         self.notify()

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from api.feed import Feed
 from api.hub import REDIS_DOWN
 from api.response import Liveness
-from shared.events import sse_comment, sse_message, sse_retry
+from shared.events import Event, sse_comment, sse_message, sse_retry
 
 log = logging.getLogger("tandem.api")
 
@@ -97,12 +97,35 @@ async def event_stream(
         if pacer.finished or feed.needs_fill() or (wake_at is not None and (parked_until is None or wake_at < parked_until)):
             feed.waker.set()
 
+    def send_live(event: Event) -> bool:
+        """The feed's fast lane (`Feed.send`), for A's next event: when the pacer lets it through
+        as it arrives (a delta while A flushes, nothing queued before it), it is written from the
+        hub's callback while this stream is parked and its connection takes bytes, without being
+        queued in the pacer and polled out again (a fifth of the API's work per live token).
+        False: not now; the feed queues it as usual."""
+        writer = live.writer
+        if not parked or writer is None or live.reason is not None or not writer.ready():
+            return False
+        try:
+            if feed.needs_fill() or not pacer.passes(event):
+                return False
+            now = loop.time()
+            writer.write(event.sse())
+            if on_events is not None:
+                on_events([event], now)
+        except Exception:  # as in `deliver`: this connection only
+            log.warning("a send from the hub's callback failed; the response ends", exc_info=True)
+            live.close("send_failed")
+            return True
+        live.ping_due = now + ping_s
+        return True
+
     try:
         head = sse_retry(retry_ms) + sse_message("meta", meta_doc)
         first, _ = due(loop.time())  # what the request read already and the pacer lets go at once
         yield head + first if first is not None else head
         live.ping_due = loop.time() + ping_s
-        feed.notify = deliver
+        feed.notify, feed.send = deliver, send_live
         while True:
             if live.closed:
                 return  # the client left, or resumes on another replica
@@ -140,5 +163,5 @@ async def event_stream(
             finally:
                 parked = False
     finally:
-        feed.notify = feed.waker.set
+        feed.notify, feed.send = feed.waker.set, None
         on_close()

@@ -118,6 +118,14 @@ class Pacer:
     def b_completed(self) -> None:
         self.b_complete = True
 
+    def passes(self, event: Event) -> bool:
+        """Whether `event`, A's next, goes out as it arrives: a delta while A flushes with nothing
+        queued before it. `push` then `poll` would give it back at once, alone, and leave the
+        pacer as it is now, so the connection sends it without queueing it (nearly every live
+        token is one)."""
+        a = self._a
+        return self._phase == "flush" and a._head == len(a._items) and event.kind == "delta" and self._a_state is None
+
     # -- state the feeder needs ----------------------------------------------------------------
 
     def pending(self, source: str) -> int:

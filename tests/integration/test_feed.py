@@ -421,19 +421,27 @@ async def test_a_connection_that_cannot_take_bytes_goes_back_to_send(hub: Hub, s
 
 
 class BrokenPacer(CheckedPacer):
-    """Raises (a bug) from its n-th poll in the hub's loop on."""
+    """Raises (a bug) from its n-th look at an event in the hub's loop on (poll, or the fast lane's
+    `passes`)."""
 
     def __init__(self, *args: Any, fail_at: int, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.polls, self.fail_at = 0, fail_at
 
-    def poll(self, now: float, limit: int = 1 << 30) -> tuple[list[Any], float | None]:
+    def _in_the_hub(self) -> None:
         task = asyncio.current_task()
         if task is not None and task.get_name() == "tandem-hub":
             self.polls += 1
             if self.polls >= self.fail_at:
                 raise RuntimeError("a bug in the pacer")
+
+    def poll(self, now: float, limit: int = 1 << 30) -> tuple[list[Any], float | None]:
+        self._in_the_hub()
         return super().poll(now, limit)
+
+    def passes(self, event: Event) -> bool:
+        self._in_the_hub()
+        return super().passes(event)
 
 
 @pytest.mark.parametrize("sends", ["direct"], indirect=True)

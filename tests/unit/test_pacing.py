@@ -677,3 +677,54 @@ def test_fifo_keeps_order_through_compaction() -> None:
     while model:
         assert fifo.popleft() is model.popleft()
     assert len(fifo) == 0 and not fifo
+
+
+# -- the fast lane -----------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(script=st.lists(st.sampled_from(["a", "b_done", "poll", "b", "a_done"]), max_size=60), slow=st.sampled_from([0.0, 0.25]))
+def test_passes_is_what_push_then_poll_would_do(script: list[str], slow: float) -> None:
+    """Two pacers take the same inputs; one sends A's next event as it arrives whenever `passes`
+    says so (the connection's fast lane), the other always pushes and polls. They send the same
+    items and end in the same state."""
+    a, b = Src("a"), Src("b")
+    fast, slow_lane = Pacer(slow, 0.0), Pacer(slow, 0.0)
+    sent_fast: list[str] = []
+    sent_slow: list[str] = []
+    now = 0.0
+    a_ended = False
+    for step in script:
+        now += 0.1
+        if step == "a" and not a_ended:
+            e = a.delta()
+            if fast.passes(e):
+                items, wake = slow_lane.poll(now)  # the other has nothing due before it either
+                assert items == [] and wake is None
+                slow_lane.push(e)
+                items, wake = slow_lane.poll(now)
+                assert labels(items) == ["a:delta"] and wake is None  # alone, at once
+                sent_fast.append(label(e))
+                sent_slow += labels(items)
+                continue
+            fast.push(e)
+            slow_lane.push(e)
+        elif step == "a_done" and not a_ended:
+            a_ended = True
+            e = a.done()
+            assert not fast.passes(e)  # a terminal event always goes through the queue
+            fast.push(e)
+            slow_lane.push(e)
+        elif step == "b_done":
+            fast.b_completed()
+            slow_lane.b_completed()
+        elif step == "b" and a_ended:
+            e = b.delta()
+            fast.push(e)
+            slow_lane.push(e)
+        sent_fast += labels(fast.poll(now)[0])
+        sent_slow += labels(slow_lane.poll(now)[0])
+    assert sent_fast == sent_slow
+    assert (fast.phase, fast.finished, fast.pending("a"), fast.pending("b")) == (
+        slow_lane.phase, slow_lane.finished, slow_lane.pending("a"), slow_lane.pending("b"),
+    )  # fmt: skip
