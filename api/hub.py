@@ -211,11 +211,18 @@ class Hub:
 
     async def _read(self, conn: AbstractConnection) -> bytes:
         """What the socket has now (up to READ_BUFFER_BYTES), or b"" after `read_timeout` of silence."""
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                data: bytes = await conn._reader.read(READ_BUFFER_BYTES)  # type: ignore[union-attr]
-        except TimeoutError:
-            return b""
+        reader = conn._reader
+        assert reader is not None
+        if reader._buffer:  # type: ignore[attr-defined]
+            # Arrived while the last read was handed on (a busy hub, nearly always): taken without
+            # arming the silence timeout, a timer made and cancelled per read.
+            data: bytes = await reader.read(READ_BUFFER_BYTES)
+        else:
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    data = await reader.read(READ_BUFFER_BYTES)
+            except TimeoutError:
+                return b""
         if not data:
             raise RedisConnectionError("Redis closed the pub/sub connection")
         return data

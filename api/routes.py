@@ -289,11 +289,19 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
             first[0] = False
             metrics.first_delta.observe(now - opened)
 
+    a_delta = ("a", "delta")
+
+    def on_a_delta(now: float) -> None:  # `on_events([that delta], now)`, for the fast lane's every token
+        sent[a_delta] += 1
+        if first[0]:
+            first[0] = False
+            metrics.first_delta.observe(now - opened)
+
     live = Liveness(feed.waker)
     state.open_streams.add(live)
     body = event_stream(
         feed, meta_doc, s.sse_retry_ms, on_close, on_events,  # type: ignore[arg-type]
-        live=live, ping_s=s.sse_ping_s, hub_connected=state.hub.connected.is_set,
+        live=live, ping_s=s.sse_ping_s, hub_connected=state.hub.connected.is_set, on_a_delta=on_a_delta,
     )
     return SSEResponse(body, live, send_timeout_s=s.sse_send_timeout_s, headers=SSE_HEADERS)
 

@@ -42,13 +42,15 @@ async def event_stream(
     live: Liveness,
     ping_s: float,
     hub_connected: Callable[[], bool] | None = None,
+    on_a_delta: Callable[[float], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """`live`: closed when the client left or the process shuts down (the body ends at once; the
     client resumes elsewhere). `ping_s`: a comment line goes out when nothing else was sent for
     that long; the process's watchdog wakes the stream for it (`Liveness.ping_due`), so waiting
     for the next event arms no timer. `hub_connected`: whether the hub's pub/sub connection is
     up; while it is down, a failed catch-up read waits for the hub's resync instead of retrying
-    on a timer."""
+    on a timer. `on_events`: told of what goes out; `on_a_delta`, if given, instead of it for the
+    single A deltas of the fast lane (`send_live`)."""
     loop = asyncio.get_running_loop()
     pacer = feed.pacer
     hold: float | None = None  # after a failed read: none before this loop time (inf: until the hub resyncs)
@@ -111,7 +113,9 @@ async def event_stream(
                 return False
             now = loop.time()
             writer.write(event.sse())
-            if on_events is not None:
+            if on_a_delta is not None:
+                on_a_delta(now)
+            elif on_events is not None:
                 on_events([event], now)
         except Exception:  # as in `deliver`: this connection only
             log.warning("a send from the hub's callback failed; the response ends", exc_info=True)
