@@ -104,7 +104,7 @@ class Feed:
         elif st.behind or not wanted:
             st.behind = True
         elif src == "a" and self.send is not None and len(events) == 1 and ann.prev == st.after and self.send(events[0]):
-            st.after = events[0].cursor.entry  # sent as it came: nothing queued, nothing to wake
+            st.after = events[0].entry  # sent as it came: nothing queued, nothing to wake
             return
         else:
             self._chain(st, ann)
@@ -118,7 +118,7 @@ class Feed:
         if ann.prev != after:
             # Only an announcement that contains `after` itself continues from it (its entries are
             # contiguous); one that lies wholly at or before `after` adds nothing.
-            ids = [e.cursor.entry for e in events]
+            ids = [e.entry for e in events]
             if after in ids:
                 events = events[ids.index(after) + 1 :]
             elif entry_key(ann.prev) < entry_key(after) and all(entry_key(i) <= entry_key(after) for i in ids):
@@ -192,7 +192,7 @@ class Feed:
             if st.closed:
                 return
             push(event)
-            st.after = event.cursor.entry
+            st.after = event.entry
             if event.kind != "delta" and event.terminal:
                 st.closed = True
 

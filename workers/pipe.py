@@ -1,10 +1,12 @@
-"""One writer per worker process: the buffered chunks of every running source, in one pipeline.
+"""One writer per worker process: the buffered chunks of every running source, in one script call.
 
 A worker runs many sources at once (TANDEM_WORKER_MAX_JOBS); at a thousand paced sources, one
 script call per token would cost a round trip and a task each, most of the worker's CPU. Here one
-task writes, and whatever all sources buffered while the previous write was in flight goes
-together in the next (one EVALSHA per source, pipelined, not a transaction: each script is atomic
-on its own stream's keys, so the batch stays legal on Redis Cluster; Store.append_many).
+task writes, on a connection of its own, and whatever all sources buffered while the previous
+write was in flight goes together in the next: one EVALSHA for all of them (Store.append_many;
+a script call per source cost Redis as much again as the appends themselves), with the lease
+renewals that are due. The pipe keeps the worker's count of appended deltas, which each write
+checks (a retried write is not applied twice; writes Redis lost are found).
 
 Writes start at most once per TANDEM_APPEND_WINDOW_MS (2 ms), unless a source has a whole batch
 buffered (`hurry`). Without the window, a moderately loaded worker wrote each token on its own as
