@@ -135,6 +135,8 @@ def table(doc: dict[str, Any]) -> str:
     lines = [
         f"tandem vs baseline: {meta['mode']} run, {meta.get('cpus')} cpus, {meta.get('duration_s')} s, load average "
         f"{meta.get('loadavg_start')} -> {meta.get('loadavg_end')} (ratio = tandem / baseline; ms; ids have 1 ms resolution)",
+        f"machine speed, million Python loop steps/s on one core (it varies between runs): {meta.get('python_speed_start')} -> "
+        f"{meta.get('python_speed_end')}",
         f"{'metric':<46}{'tandem':>12}{'baseline':>12}{'ratio':>8}  target",
     ]
 

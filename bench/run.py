@@ -37,7 +37,7 @@ import httpx
 import redis as redis_sync
 
 from bench import report
-from bench.sysstat import CpuWindow, cpu_seconds, fd_count, local_ports_to, pcts, raise_nofile, rss_kib
+from bench.sysstat import CpuWindow, cpu_seconds, fd_count, local_ports_to, pcts, python_speed, raise_nofile, rss_kib
 from shared.redis_server import RedisServer, free_port
 from tests.harness import Stack
 
@@ -681,6 +681,7 @@ def run(params: Params, out: Path, log: Callable[[str], None]) -> dict[str, Any]
             "mode": params.mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
             "cpus": os.cpu_count(), "python": sys.version.split()[0], "tandem_env": TANDEM_ENV,
             "latency_resolution_ms": 1.0, "loadavg_start": round(os.getloadavg()[0], 2),
+            "python_speed_start": python_speed(),
         },
         "params": asdict(params),
         "throughput": {}, "open_streams": {},
@@ -715,6 +716,7 @@ def run(params: Params, out: Path, log: Callable[[str], None]) -> dict[str, Any]
             doc["profile"] = b.profile()
     doc["meta"]["duration_s"] = round(time.time() - t_start, 1)
     doc["meta"]["loadavg_end"] = round(os.getloadavg()[0], 2)
+    doc["meta"]["python_speed_end"] = python_speed()
     doc["targets"] = report.targets(doc)
     return doc
 

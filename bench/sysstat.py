@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import time
 from collections.abc import Iterable, Sequence
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -101,6 +102,17 @@ def machine_busy_seconds() -> float:
     idle = cols[3] + (cols[4] if len(cols) > 4 else 0)
     steal = cols[7] if len(cols) > 7 else 0
     return (sum(cols[:8]) - idle - steal) / CLK_TCK
+
+
+def python_speed(steps: int = 2_000_000) -> float:
+    """Millions of simple interpreter steps per second on one core, now: the machine's speed,
+    which on a shared VM changes between runs (and within one) by more than any change to tandem
+    does. Printed with every table, so a run made in a slow phase says so."""
+    t = time.perf_counter()
+    s = 0
+    for i in range(steps):
+        s += i
+    return round(steps / (time.perf_counter() - t) / 1e6, 1)
 
 
 class CpuWindow:
