@@ -296,11 +296,7 @@ class Hub:
             return  # not a pub/sub message (a PING's answer is ["pong", ""])
         kind, raw = reply[0], reply[1]
         channel = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if kind == b"message":
-            group = self._listeners.get(channel)
-            if group and len(reply) > 2:
-                self._announce(group, raw if isinstance(raw, bytes) else channel.encode(), reply[2])
-        elif kind == b"subscribe":
+        if kind == b"subscribe":  # (a published message never comes here: `_take` hands it on)
             if channel in self._subscribed:
                 self._confirmed.add(channel)
             if channel in self._resync:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 from api.feed import Feed
 from api.hub import REDIS_DOWN
-from api.response import Liveness
+from api.response import ChunkWriter, Liveness
 from shared.events import Event, sse_comment, sse_message, sse_retry
 
 log = logging.getLogger("tandem.api")
@@ -74,14 +74,27 @@ async def event_stream(
         live.ping_due = now + ping_s
         return (items[0].sse() if len(items) == 1 else b"".join([item.sse() for item in items])), wake_at
 
+    def writer_now() -> ChunkWriter | None:
+        """The connection's writer, if the hub's callback may write to it now: the stream is
+        parked (its task is not sending), open, and the connection takes bytes."""
+        writer = live.writer
+        return writer if parked and writer is not None and live.reason is None and writer.ready() else None
+
+    def failed() -> None:
+        # This runs in the hub's loop: a failure must cost this connection only (raised, the hub
+        # would drop its Redis connection and resync every reader). What the pacer let go may not
+        # have reached the client, so the response ends; the client resumes after what it got.
+        log.warning("a send from the hub's callback failed; the response ends", exc_info=True)
+        live.close("send_failed")
+
     def deliver() -> None:
         """The feed took in an announcement (in the hub's callback). While this stream is parked
         and its connection takes bytes now, what the pacer releases goes out from here: no task
         wake-up, no trip through the ASGI send chain, and the token leaves in the loop turn that
         brought it (at 20,000 paced tokens/s that was a third of the API's CPU). Anything else is
         the task's: it is woken when there is more to do than this, or sooner than it would wake."""
-        writer = live.writer
-        if not parked or writer is None or live.reason is not None or not writer.ready() or feed.needs_fill():
+        writer = writer_now()
+        if writer is None or feed.needs_fill():
             feed.waker.set()
             return
         try:
@@ -89,12 +102,7 @@ async def event_stream(
             if chunk is not None:
                 writer.write(chunk)
         except Exception:
-            # This runs in the hub's loop: a failure must cost this connection only (raised, the
-            # hub would drop its Redis connection and resync every reader). What the pacer let go
-            # may not have reached the client, so the response ends; the client resumes after
-            # what it got.
-            log.warning("a send from the hub's callback failed; the response ends", exc_info=True)
-            live.close("send_failed")
+            failed()
             return
         if pacer.finished or feed.needs_fill() or (wake_at is not None and (parked_until is None or wake_at < parked_until)):
             feed.waker.set()
@@ -105,8 +113,8 @@ async def event_stream(
         hub's callback while this stream is parked and its connection takes bytes, without being
         queued in the pacer and polled out again (a fifth of the API's work per live token).
         False: not now; the feed queues it as usual."""
-        writer = live.writer
-        if not parked or writer is None or live.reason is not None or not writer.ready():
+        writer = writer_now()
+        if writer is None:
             return False
         try:
             if feed.needs_fill() or not pacer.passes(event):
@@ -117,9 +125,8 @@ async def event_stream(
                 on_a_delta(now)
             elif on_events is not None:
                 on_events([event], now)
-        except Exception:  # as in `deliver`: this connection only
-            log.warning("a send from the hub's callback failed; the response ends", exc_info=True)
-            live.close("send_failed")
+        except Exception:
+            failed()
             return True
         live.ping_due = now + ping_s
         return True

@@ -65,11 +65,6 @@ class Appender:
                 return BACKLOGGED
         return ADDED
 
-    @property
-    def backlogged(self) -> bool:
-        """The producer is faster than Redis: four batches are buffered."""
-        return len(self._buf) >= self._max_batch * 4
-
     async def wait_written(self) -> None:
         """Wait until everything queued is appended (or the source stopped); raises what the
         writes raised."""

@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 
 from shared.store import AppendCall, RenewCall, Store
-from workers.appender import BACKLOGGED
+from workers.appender import ADDED, BACKLOGGED
 from workers.pipe import AppendPipe
 
 
@@ -154,12 +154,11 @@ async def test_a_producer_faster_than_redis_waits_once_four_batches_are_buffered
     store = RecordingStore()
     async with running(store) as pipe:
         ap = pipe.appender("s", "a", 4)
-        for i in range(15):
-            ap.add(f"{i} ")  # nothing has been written yet: no await in between
-        assert not ap.backlogged
-        assert ap.add("15 ") == BACKLOGGED and ap.backlogged  # 16 = 4 batches of 4: the producer waits for the writes
+        # nothing has been written yet (no await in between): up to 15 buffered, the producer goes on
+        assert [ap.add(f"{i} ") for i in range(15)] == [ADDED] * 15
+        assert ap.add("15 ") == BACKLOGGED  # 16 = 4 batches of 4: the producer waits for the writes
         await asyncio.wait_for(ap.wait_written(), 10)
-        assert not ap.backlogged and ap.appended == 16
+        assert ap.appended == 16 and store.written == {("s", "a"): [f"{i} " for i in range(16)]}
         # A stopped source (cancelled, too long) answers False; a write error is raised to the producer.
         ap.applied(-1)
         assert not ap.add("late ")
