@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.cursor import entry_key
 from shared.events import Announcement, done_fields, error_fields, parse_announcement
 from shared.keys import Source
 from shared.redis_server import RedisServer
@@ -218,7 +219,8 @@ async def test_reads_are_the_same_with_or_without_the_mux(store: Store, redis: R
         # (Ids are per source: B's one entry may have A's second's id, when the writes straddle a
         # millisecond; B has nothing after its own.)
         (b_last,) = [eid for eid, _ in await s.read(sid, "b", "0-0", 10)]
-        b_after = f"{b_last.split('-')[0]}-{int(b_last.split('-')[1]) + 1}"
+        ms, seq = entry_key(b_last)
+        b_after = f"{ms}-{seq + 1}"
         assert await s.has_entry(sid, "a", rows[1][0]) and await s.has_entry(sid, "b", b_last)
         assert not await s.has_entry(sid, "b", b_after) and not await s.has_entry(sid, "a", "1-0")
         assert await s.source_state(sid, "b") == "done" and await s.source_state("no-such-stream", "a") is None
