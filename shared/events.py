@@ -64,7 +64,7 @@ def final_status(a_state: str, b_state: str) -> str:
 # -- pub/sub payload ---------------------------------------------------------------------------
 
 
-Row = tuple[str, list[str]]  # (entry id, flat fields), as announced
+Row = list[Any]  # [entry id, [field, value, ...]]: a JSON array, as announced
 
 
 class Announcement:

@@ -557,11 +557,10 @@ class Store:
 
         This is the hottest path of a worker (a thousand paced sources: one append per token), so
         it skips what a redis-py pipeline costs per batch and per command: the EVALSHAs are packed
-        by hiredis in C and written on one connection (`conn`, else a pooled one), without the
-        pipeline's SCRIPT EXISTS round trip. A NOSCRIPT (Redis restarted and forgot the script) loads it and writes again.
-        A source that reached TANDEM_MAX_SOURCE_EVENTS (what fits is appended first), whose
-        entries Redis lost, or whose lease this worker lost, is ended here (`too_long`,
-        `worker_lost`) and answers -1.
+        by hiredis in C and written together, without the pipeline's SCRIPT EXISTS round trip. A
+        NOSCRIPT (Redis restarted and forgot the script) loads it and writes again. A source that
+        reached TANDEM_MAX_SOURCE_EVENTS (what fits is appended first), whose entries Redis lost,
+        or whose lease this worker lost, is ended here (`too_long`, `worker_lost`) and answers -1.
         """
         room = self.settings.max_source_events - 1  # deltas a source may have: its terminal entry is its last event
         fitting = calls
