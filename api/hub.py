@@ -39,6 +39,7 @@ READ_TIMEOUT_S = 1.0  # longest single wait for a message; always below the clie
 PING_IDLE_S = 5.0  # PING the pub/sub connection after this long without any message
 DEAD_AFTER_S = 12.0  # nothing at all (not even the PING's reply) for this long: the connection is dead
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 2.0  # reconnect delays: doubling, bounded
+FIRST_ATTEMPT_S = 5.0  # longest `start` waits for its first connection attempt to end
 READ_BUFFER_BYTES = 1 << 21  # most the hub takes from its socket per read
 # The parser is fed a read this much at a time. hiredis moves what it has not parsed yet to the
 # front of its buffer after every reply once 1 KiB is consumed: fed a whole busy read (hundreds of
@@ -71,11 +72,19 @@ class Hub:
         self._last_rx = 0.0  # loop time of the last thing read from the pub/sub connection
         self._pinged = False
         self.connected = asyncio.Event()
+        self._attempted = asyncio.Event()  # the first connection attempt has ended, either way
         self.listeners = 0
         self.reconnects = 0
 
     async def start(self) -> None:
+        """Start the hub's loop; returns once its first connection attempt ended (connected or
+        not, at most FIRST_ATTEMPT_S). Otherwise a reader that came as soon as the process served
+        (a resume right after a restart) could find the hub not connected yet and get a 503. A
+        Redis that is down holds the start-up for one attempt only (`readyz` says it is down; the
+        hub keeps trying)."""
         self._task = asyncio.create_task(self._run(), name="tandem-hub")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attempted.wait(), FIRST_ATTEMPT_S)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -157,6 +166,7 @@ class Hub:
             try:
                 if self._conn is None:
                     await self._connect()
+                    self._attempted.set()
                     backoff = BACKOFF_MIN_S
                 assert self._conn is not None
                 self._flush_unsubscribes()
@@ -174,12 +184,14 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN as e:
+                self._attempted.set()
                 if self.connected.is_set():
                     log.warning("hub lost Redis, reconnecting", extra={"error": str(e)})
                 await self._drop()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             except Exception:
+                self._attempted.set()
                 log.exception("hub loop error")
                 await self._drop()
                 await asyncio.sleep(backoff)

@@ -232,6 +232,18 @@ async def test_reconnect_after_client_kill(hub: Hub, store: Store, redis: Redis)
     await eventually(lambda: rec2.texts() == ["again"])
 
 
+async def test_start_returns_connected(redis_server: RedisServer, prefix: str) -> None:
+    """A process serves once its start-up is done: its first readers must find the hub connected
+    (not a 503 because its connection was still being made)."""
+    h = Hub(Redis.from_url(redis_server.url), f"{prefix}:hub")
+    await h.start()
+    try:
+        assert h.connected.is_set()
+        await h.subscribe(f"{prefix}:first", Recorder())  # no wait, no error
+    finally:
+        await h.stop()
+
+
 async def test_subscribe_when_redis_is_down(prefix: str) -> None:
     port = free_port()  # nothing listens here
     h = Hub(Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.5), f"{prefix}:hub")
