@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -98,10 +99,22 @@ def cmd_worker(settings: Settings) -> int:
     from workers.settings import make_worker
 
     setup_logging(settings)
+    lower_priority(settings.worker_nice)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.set_event_loop(asyncio.new_event_loop())
     make_worker(settings).run()
     return 0
+
+
+UP_WORKER_NICE = 10  # `tandem up`'s workers, unless TANDEM_WORKER_NICE says otherwise
+
+
+def lower_priority(nice: int) -> None:
+    """Run at niceness `nice` (TANDEM_WORKER_NICE), or at the one inherited if that is already
+    higher: an unprivileged process may always lower its own priority, never raise it."""
+    if nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        logging.getLogger("tandem.worker").info("running at niceness %d (TANDEM_WORKER_NICE)", nice)
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
@@ -131,8 +144,12 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     me = [sys.executable, "-m", "cli"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        # One host for everything: the workers yield the CPU to the API unless told otherwise
+        # (in the environment or in .env).
+        nice = settings.worker_nice if "worker_nice" in settings.model_fields_set else UP_WORKER_NICE
+        worker_env = {**env, "TANDEM_WORKER_NICE": str(nice)}
         for _ in range(args.workers):
-            procs.append(subprocess.Popen([*me, "worker"], env=env))
+            procs.append(subprocess.Popen([*me, "worker"], env=worker_env))
         procs.append(subprocess.Popen([*me, "api", "--host", args.host, "--port", str(port)], env=env))
         base = f"http://{args.host}:{port}"
         _wait_ready(base, procs)
