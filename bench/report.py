@@ -17,6 +17,7 @@ LATENCY_FIELDS = (
 )  # fmt: skip
 TANDEM_LATENCY_FIELDS = (
     "flush_p50_ms", "flush_p99_ms", "resume_p50_ms", "resume_p99_ms", "flush_steady_p99_ms", "resume_steady_p99_ms",
+    "flushes_while_away",
 )  # fmt: skip
 REDIS_POOL = 6  # TANDEM_REDIS_POOL_SIZE's default; the hub and the multiplexed connection add one each
 
@@ -218,6 +219,7 @@ def _latency_rows(row: Any, t: dict[str, Any], b: dict[str, Any], at: str) -> No
     row("", t.get("flush_steady_p99_ms"), None, "<= 5 ms", digits=2)
     row("  p50 / p99 incl. the creation ramp", t.get("flush_p50_ms"), None, digits=2)
     row("", t.get("flush_p99_ms"), None, digits=2)
+    row("  left out: B done while its client was away", t.get("flushes_while_away"), None, digits=0)
     row(f"resume p50 / p99, all open {at}", t.get("resume_steady_p50_ms"), None, digits=2)
     row("", t.get("resume_steady_p99_ms"), None, "<= 20 ms", digits=2)
     row("  p50 / p99 incl. the creation ramp", t.get("resume_p50_ms"), None, digits=2)
