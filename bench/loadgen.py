@@ -7,8 +7,11 @@ from stdin before going on) and ``{"result": {...}}`` at the end, or ``{"error":
 
 Per event the client does as little Python as it can: a throughput job only counts
 ``event: delta`` lines in each complete block (``bytes.count``, in C); the latency jobs run one
-compiled regex over each block. Times are ``time.time()`` at ``data_received``, the same clock as
-Redis's entry ids (whose milliseconds are the worker's write time) and the baseline's ids.
+compiled regex over each block, once the loop turn has read every socket that was readable. Times
+are ``time.time()`` at ``data_received``, before that parsing (one client process stands in for
+a thousand browsers: its parsing of one connection's flush must not delay the receipt times of
+the others), on the same clock as Redis's entry ids (whose milliseconds are the worker's write
+time) and the baseline's ids.
 """
 
 from __future__ import annotations
@@ -259,6 +262,22 @@ class ParseSink(Sink):
                 return
 
 
+_queued: list[tuple[Any, ...]] = []  # (function, args...): blocks read, with their receipt times, in order
+
+
+def _later(*call: Any) -> None:
+    _queued.append(call)
+    if len(_queued) == 1:
+        asyncio.get_running_loop().call_soon(_run_queued)
+
+
+def _run_queued() -> None:
+    calls = _queued[:]
+    _queued.clear()
+    for fn, *args in calls:
+        fn(*args)
+
+
 class Reader(asyncio.Protocol):
     """One SSE response: HTTP/1.1 head, chunked transfer decoding, then complete blocks to the sink."""
 
@@ -311,6 +330,13 @@ class Reader(asyncio.Protocol):
             self._block(block, t)
 
     def _block(self, block: bytes, t: float) -> None:
+        # Parsed after every socket that this loop turn found readable has been read and stamped:
+        # parsing one connection's flush (a hundred events) in its data_received would delay the
+        # receipt time of every connection read after it in the same turn, which one client
+        # process standing in for a thousand browsers must not add to their latency.
+        _later(self.parse, block, t)
+
+    def parse(self, block: bytes, t: float) -> None:
         try:
             self.sink.block(self, self.rec, block, t)
         except Exception as e:  # a parse error must show up in the result, not as a silent close
@@ -362,6 +388,9 @@ class Reader(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        _later(self._lost, exc)  # after the blocks read before it
+
+    def _lost(self, exc: Exception | None) -> None:
         if not self.dropped:
             self.rec.finish(f"connection lost: {exc}" if exc else "closed before end")
 
