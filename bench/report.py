@@ -138,7 +138,7 @@ def table(doc: dict[str, Any]) -> str:
         f"{meta.get('loadavg_start')} -> {meta.get('loadavg_end')} (ratio = tandem / baseline; ms; ids have 1 ms resolution)",
         f"machine speed, million Python loop steps/s on one core (it varies between runs): {meta.get('python_speed_start')} -> "
         f"{meta.get('python_speed_end')}",
-        f"tandem's workers at niceness {meta.get('tandem_env', {}).get('TANDEM_WORKER_NICE', 0)} (TANDEM_WORKER_NICE: the API gets a core first)",
+        f"tandem's workers at niceness {meta.get('tandem_env', {}).get('TANDEM_WORKER_NICE', 0)} (TANDEM_WORKER_NICE; `--env TANDEM_WORKER_NICE=10` gives the API a core first)",
         f"{'metric':<46}{'tandem':>12}{'baseline':>12}{'ratio':>8}  target",
     ]
 

@@ -98,10 +98,6 @@ TANDEM_ENV = {
     "TANDEM_MAX_SOURCE_EVENTS": "1000000",  # the 1-stream run writes 250,000 tokens to one source
     "TANDEM_RETENTION_S": "600",
     "TANDEM_LOG_LEVEL": "warning",  # info logs a line per stream and per job
-    # Everything shares two cores here, as under `tandem up` and docker-compose.yml, which run workers
-    # at this niceness too: the API gets a core first when both want one. (At 0, seven paced runs
-    # at 1,000 streams had flush reaction p99 5.0-6.2 ms against 3.4-4.6; `--env TANDEM_WORKER_NICE=0`.)
-    "TANDEM_WORKER_NICE": "10",
 }
 
 

@@ -106,9 +106,6 @@ def cmd_worker(settings: Settings) -> int:
     return 0
 
 
-UP_WORKER_NICE = 10  # `tandem up`'s workers, unless TANDEM_WORKER_NICE says otherwise
-
-
 def lower_priority(nice: int) -> None:
     """Run at niceness `nice` (TANDEM_WORKER_NICE), or at the one inherited if that is already
     higher: an unprivileged process may always lower its own priority, never raise it."""
@@ -144,12 +141,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     me = [sys.executable, "-m", "cli"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        # One host for everything: the workers yield the CPU to the API unless told otherwise
-        # (in the environment or in .env).
-        nice = settings.worker_nice if "worker_nice" in settings.model_fields_set else UP_WORKER_NICE
-        worker_env = {**env, "TANDEM_WORKER_NICE": str(nice)}
         for _ in range(args.workers):
-            procs.append(subprocess.Popen([*me, "worker"], env=worker_env))
+            procs.append(subprocess.Popen([*me, "worker"], env=env))
         procs.append(subprocess.Popen([*me, "api", "--host", args.host, "--port", str(port)], env=env))
         base = f"http://{args.host}:{port}"
         _wait_ready(base, procs)

@@ -52,9 +52,8 @@ class Settings(BaseSettings):
     orphan_s: float = Field(default=0.0, ge=0)  # cancel a running stream no SSE reader has had open for this long (0 = off)
     append_max_batch: int = Field(256, ge=1, le=10_000)  # most deltas in one XADD round trip
     append_window_ms: float = Field(2.0, ge=0, le=1000)  # a worker writes its appends at most once per window
-    # Niceness a worker gives itself at start. On a host it shares with the API (`tandem up`, one
-    # compose file), 10 lets the SSE tier have the CPU first: generation is paced work that a few ms
-    # of delay do not hurt, while every ms an API process waits for a core is a ms of token latency.
+    # Niceness a worker gives itself at start. On a host it shares with a saturated API, 10 lets the
+    # API have a core first (token latency), at the cost of slower job starts in a burst (README).
     worker_nice: int = Field(0, ge=0, le=19)
     queue_name: str = "tandem:queue"
     # Extra tasks by import path: "pkg.module:TASK,other.module:TASK" (or a JSON list).

