@@ -164,9 +164,15 @@ return written
 _APPEND = r"""
 local worker, written = ARGV[1], ARGV[2]
 local appends = (#KEYS - 1) / 3
-local leases = {}
-for i = 1, appends do leases[i] = KEYS[3 * i - 1] end
-local owners = redis.call('MGET', unpack(leases))
+-- The leases' owners, by MGETs of at most 1,000 keys: Lua unpacks at most 8,000 values at once,
+-- and one write may carry every running source of a worker.
+local owners = {}
+for from = 1, appends, 1000 do
+  local leases = {}
+  for i = from, math.min(from + 999, appends) do leases[#leases + 1] = KEYS[3 * i - 1] end
+  local got = redis.call('MGET', unpack(leases))
+  for j = 1, #got do owners[from + j - 1] = got[j] end
+end
 local checked = written == '' or (redis.call('GET', KEYS[1]) or '0') ~= written
 local count = tonumber(written) or 0
 local results = {}

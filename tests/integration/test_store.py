@@ -290,6 +290,17 @@ async def test_append_many_reads_every_reply_of_a_large_batch(store: Store) -> N
     assert await store.text(sids[0], "a") == "".join(f"0-{j} " for j in range(50)) + "more"
 
 
+async def test_append_many_for_more_sources_than_lua_can_unpack(store: Store) -> None:
+    """One write may carry every running source of a worker (TANDEM_WORKER_MAX_JOBS has no upper
+    bound; the bench runs 10,000 sources on one worker). Redis's Lua unpacks at most 8,000 values
+    at once: the script's lease check must not unpack one per source."""
+    sids = await asyncio.gather(*(running_stream(store, b="w1") for _ in range(4_100)))
+    calls = [(sid, src, [f"{src}{i}"], 0, "0-0") for i, sid in enumerate(sids) for src in ("a", "b")]
+    out, count = await store.append_many(calls, worker="w1", written=0)  # type: ignore[arg-type]
+    assert count == 8_200 and all(type(r) is bytes for r in out), {repr(r) for r in out if type(r) is not bytes}
+    assert await store.text(sids[-1], "b") == "b4099"
+
+
 async def test_append_many_times_out_when_redis_does_not_answer(redis_server: RedisServer, settings: Settings, redis: Redis) -> None:
     slow = Redis.from_url(redis_server.url, socket_timeout=0.3)
     store = Store(slow, settings)
