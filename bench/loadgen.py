@@ -182,25 +182,11 @@ class Sink:
 
 
 class CountSink(Sink):
-    """Throughput: deltas per millisecond of receipt, first delta and end per stream."""
+    """Throughput: deltas per millisecond of receipt. `CountReader` counts them as it reads,
+    without parsing blocks (so `block` is never called)."""
 
     def __init__(self) -> None:
         self.bins: dict[int, int] = {}
-
-    def block(self, reader: Reader, rec: Rec, block: bytes, t: float) -> None:
-        if rec.meta_t is None and b"event: meta\n" in block:
-            rec.got_meta(t)
-        k = block.count(b"event: delta\n")
-        if k:
-            if rec.first_t is None:
-                rec.first_t = t
-            rec.deltas += k
-            ms = int(t * 1000)
-            self.bins[ms] = self.bins.get(ms, 0) + k
-        if b"event: end\n" in block:
-            rec.end_t = t
-            reader.close()
-            rec.finish()
 
 
 class ParseSink(Sink):
@@ -395,7 +381,7 @@ class Reader(asyncio.Protocol):
             self.rec.finish(f"connection lost: {exc}" if exc else "closed before end")
 
 
-_DELTA, _META, _END = b"event: delta\n", b"event: meta\n", b"event: end\n"
+_DELTA, _META, _END, _ERROR = b"event: delta\n", b"event: meta\n", b"event: end\n", b"event: error\n"
 
 
 class CountReader(Reader):
@@ -403,8 +389,10 @@ class CountReader(Reader):
 
     It neither decodes the chunked framing nor splits messages: each chunk the server sends holds
     whole SSE messages (tandem and sse-starlette both send whole events), so the markers never
-    straddle a chunk boundary; they can straddle a read boundary, which the kept tail (shorter
-    than any marker, so nothing is counted twice) covers.
+    straddle a chunk boundary; they can straddle a read boundary, which the kept tail covers (one
+    byte shorter than the delta marker, so no delta is counted twice; the others only set a flag).
+    A stream whose source failed (an `error` event: worker lost, task failed, cancelled) still
+    ends, and is counted as an error of the run.
     """
 
     __slots__ = ("_tail",)
@@ -431,7 +419,7 @@ class CountReader(Reader):
                 rec.finish(f"HTTP {rec.status}")
                 return
         buf = self._tail + data if self._tail else data
-        self._tail = buf[-11:]
+        self._tail = buf[-12:]
         if rec.meta_t is None and _META in buf:
             rec.got_meta(t)
         k = buf.count(_DELTA)
@@ -441,6 +429,8 @@ class CountReader(Reader):
             rec.deltas += k
             ms = int(t * 1000)
             self.bins[ms] = self.bins.get(ms, 0) + k
+        if _ERROR in buf:
+            rec.finish("a source failed (an error event)")
         if _END in buf:
             rec.end_t = t
             self.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 THROUGHPUT_FIELDS = (
-    "events_per_s", "events", "duration_s", "server_cpu_us_per_event", "stack_cpu_us_per_event",
+    "events_per_s", "events_per_s_overall", "events", "duration_s", "server_cpu_us_per_event", "stack_cpu_us_per_event",
     "client_cpu_us_per_event", "server_cpu_pct", "first_delta_p50_ms", "first_delta_p99_ms",
 )  # fmt: skip
 LATENCY_FIELDS = (
@@ -151,6 +151,10 @@ def table(doc: dict[str, Any]) -> str:
         row(f"events/s @{n} streams (unpaced)", r["tandem"].get("events_per_s"), r["baseline"].get("events_per_s"),
             ">= baseline" if n in ("100", "1000") else "")  # fmt: skip
     for n, r in tp.items():
+        # Steady-state events/s above leaves out the start: here the whole run, from the release of
+        # the producers to the last stream's end (a burst of job starts shows here).
+        row(f"  overall, release -> last end @{n}", r["tandem"].get("events_per_s_overall"), r["baseline"].get("events_per_s_overall"))
+    for n, r in tp.items():
         t, b = r["tandem"], r["baseline"]
         row(f"  server CPU us/event @{n}", t.get("server_cpu_us_per_event"), b.get("server_cpu_us_per_event"), digits=2)
         row(f"  all server procs CPU us/event @{n}", t.get("stack_cpu_us_per_event"), b.get("stack_cpu_us_per_event"), digits=2)
@@ -232,9 +236,15 @@ def _latency_rows(row: Any, t: dict[str, Any], b: dict[str, Any], at: str) -> No
 
 
 def problems(doc: dict[str, Any]) -> list[str]:
-    """What a run got wrong rather than slow: paced streams that did not complete with every
-    token, in order and exactly once."""
+    """What a run got wrong rather than slow: streams that did not complete, with every token (and
+    for paced streams, in order and exactly once)."""
     out: list[str] = []
+    for n, run in sorted((doc.get("throughput") or {}).items(), key=lambda kv: int(kv[0])):
+        for name in ("tandem", "baseline"):
+            r = run.get(name) or {}
+            if r and (r.get("events") != r.get("events_expected") or r.get("streams_complete") != r.get("streams") or r.get("errors")):
+                out.append(f"{name} @{n} streams: {r.get('events')} of {r.get('events_expected')} events delivered, "
+                           f"{r.get('streams_complete')} of {r.get('streams')} streams ended, errors {r.get('errors')}")  # fmt: skip
     for name, r in (doc.get("latency") or {}).items():
         if r.get("streams_ok") != r.get("streams") or r.get("order_errors"):
             out.append(f"{name}: {r.get('streams_ok')} of {r.get('streams')} paced streams complete, "

@@ -38,8 +38,18 @@ def test_bench_smoke_writes_every_field(tmp_path: Path) -> None:
     assert any(f.startswith("open_streams.") for f in fields)
     assert "backlog.tandem.backlog_ms" in fields
     assert missing(doc) == []
-    assert problems(doc) == []  # every paced stream complete, in order, exactly once (both targets)
+    assert problems(doc) == []  # every stream complete with every event; paced ones in order, exactly once
     assert {t["name"] for t in doc["targets"]} >= {"token latency p99", "flush reaction p99", "resume latency p99"}
     assert "events/s" in proc.stdout  # the table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_a_run_that_lost_events_is_a_problem_not_a_figure() -> None:
+    """A throughput run whose streams ended without all their events (a failed source ends its
+    stream too) is reported as wrong, whatever its events/s."""
+    ok = {"streams": 5000, "streams_complete": 5000, "events": 505_000, "events_expected": 505_000, "errors": []}
+    lost = {**ok, "events": 81_104, "errors": ["a stream ended without completing"]}
+    assert problems({"throughput": {"5000": {"tandem": ok, "baseline": ok}}}) == []
+    (problem,) = problems({"throughput": {"100": {"tandem": ok, "baseline": ok}, "5000": {"tandem": lost, "baseline": ok}}})
+    assert problem.startswith("tandem @5000 streams: 81104 of 505000 events delivered")
