@@ -47,6 +47,9 @@ async def run_source(ctx: dict[str, Any], stream_id: str, source: str) -> str:
     worker_id: str = ctx["worker_id"]
 
     before = await redis_retry(partial(store.start, stream_id, src, worker_id), "start", stream_id)
+    started = ctx.get("job_started")
+    if started is not None:
+        started(ctx.get("job_id"))  # the worker may claim another job (TANDEM_WORKER_PREFETCH)
     if before is None:
         return "gone"  # expired or deleted before it ran
     if before == "running":

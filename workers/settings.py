@@ -102,6 +102,10 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "job_deserializer": deserialize,
         "allow_abort_jobs": True,
         "max_jobs": settings.worker_max_jobs,
+        # Due ids read per poll: enough to see past the jobs other workers claimed and have not
+        # started yet (at most TANDEM_WORKER_PREFETCH each), not the whole queue of a burst (arq's
+        # default reads 5 x max_jobs ids on every poll).
+        "queue_read_limit": max(settings.worker_prefetch * 10, 100),
         "poll_delay": settings.worker_poll_delay_s,
         "job_timeout": settings.max_stream_s + JOB_TIMEOUT_MARGIN_S,
         "keep_result": min(60, settings.retention_s),  # a job's result never outlives its stream
@@ -110,6 +114,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         # (their sources end with `worker_lost`, "worker shut down"). 0: cancel at once.
         "job_completion_wait": settings.worker_drain_s,
         "ctx": {"stopping": asyncio.Event()},  # set on SIGTERM/SIGINT; jobs see it (their ctx is a copy)
+        "prefetch": settings.worker_prefetch,
     }
 
 
@@ -158,8 +163,13 @@ class TandemWorker(Worker):
     because of the outage is released (its in-progress key deleted) so it runs, or is closed, at
     once rather than after arq's in-progress timeout."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, prefetch: int = 100, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.prefetch = prefetch
+        # Jobs claimed here whose source is not claimed yet (run_source calls `job_started` once
+        # Store.start answered): at most `prefetch` of them.
+        self.starting: set[str] = set()
+        self.ctx["job_started"] = self.starting.discard
         self._down_since = 0.0
         self._backoff = 0.1
         self._claim: AsyncScript | None = None  # registered once arq has made its pool
@@ -202,7 +212,8 @@ class TandemWorker(Worker):
         and a busy one with a thousand sources running more than its share."""
         if self._poll is None:
             self._poll = self.pool.register_script(_POLL)
-        want = self.queue_read_limit if self.allow_pick_jobs and self.job_counter < self.max_jobs else 0
+        free = self.allow_pick_jobs and self.job_counter < self.max_jobs and len(self.starting) < self.prefetch
+        want = self.queue_read_limit if free else 0
         now = timestamp_ms()
         store: Store = self.ctx["store"]
         job_ids, abort_ids = await store.run_script(self._poll, [self.queue_name, abort_jobs_ss], [now, self._queue_read_offset, want, now + abort_job_max_age])
@@ -232,7 +243,8 @@ class TandemWorker(Worker):
         self._finished = True
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Claim up to the free slots' worth of `job_ids` in one round trip, and run them.
+        """Claim up to the free slots' worth of `job_ids` in one round trip, and run them; no more
+        than make `prefetch` claimed and not started yet.
 
         arq claims one id at a time (WATCH, EXISTS, ZSCORE, MULTI/PSETEX/EXEC: four round trips in
         a row per id), and every worker walks the same ids in the same order, so two workers
@@ -240,8 +252,13 @@ class TandemWorker(Worker):
         sources started seconds late. Here one script claims the batch with arq's own keys and
         rules (not yet started, due, in-progress key set for arq's timeout), and each worker
         starts its walk at a random point of the batch, so two workers seldom want the same id.
-        What follows is arq's: its run_job, slots and accounting."""
-        room = self.max_jobs - self.job_counter
+        What follows is arq's: its run_job, slots and accounting.
+
+        Without the prefetch bound, the first worker to poll after a burst claimed every due job
+        (up to TANDEM_WORKER_MAX_JOBS) and started them one after another while the others idled:
+        5,000 streams created at once in the bench went 11,032 jobs to one worker, 968 to the
+        other, and the busy one started them so late that it missed lease renewals."""
+        room = min(self.max_jobs - self.job_counter, self.prefetch - len(self.starting))
         ids = [j.decode() for j in job_ids]
         ids = [j for j in ids if j not in self.tasks]
         if room <= 0 or not ids:
@@ -257,6 +274,7 @@ class TandemWorker(Worker):
             job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             await self.sem.acquire()  # free: the script took at most `room` jobs
             self.job_counter += 1
+            self.starting.add(job_id)
             t = self.loop.create_task(self.run_job(job_id, int(float(score))))
             t.add_done_callback(self._job_done)
             self.tasks[job_id] = t
@@ -267,6 +285,8 @@ class TandemWorker(Worker):
         except LOOP_ERRORS as e:
             log.warning("job interrupted by a Redis outage; releasing it", extra={"job": job_id, "error": str(e)})
             await redis_retry(lambda: self.pool.delete(in_progress_key_prefix + job_id), "release job")
+        finally:
+            self.starting.discard(job_id)  # (a job that ended before its source's claim)
 
     async def close(self) -> None:
         try:

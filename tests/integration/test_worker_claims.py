@@ -61,3 +61,38 @@ async def test_claims_what_is_due_free_and_fits(redis_server: RedisServer, setti
         worker.tasks.clear()
         await pool.delete(queue, *(in_progress_key_prefix + j for j in [*free, elsewhere]))
         await pool.aclose()
+
+
+async def test_claims_no_more_than_prefetch_until_they_start(redis_server: RedisServer, settings: Settings) -> None:
+    """A worker holds at most TANDEM_WORKER_PREFETCH jobs claimed and not started: the rest of a
+    burst stays in the queue for the other workers, however many slots this one has free."""
+    pool = ArqRedis.from_url(redis_server.url)
+    opts = worker_options(settings.model_copy(update={"worker_prefetch": 2}))
+    for hook in ("on_startup", "on_shutdown", "redis_settings", "handle_signals", "max_jobs"):
+        opts.pop(hook)
+    worker = NoRun(**opts, redis_pool=pool, handle_signals=False, max_jobs=10)
+    worker.started = []
+    queue, p = settings.queue_name, settings.key_prefix
+    burst = [f"{p}-burst-{i}" for i in range(6)]
+    ids = [j.encode() for j in burst]
+    try:
+        await pool.zadd(queue, dict.fromkeys(burst, 1))
+        assert worker.queue_read_limit == 100  # ids read per poll: 10 x prefetch, at least 100
+        await worker.start_jobs(ids)
+        await asyncio.sleep(0)
+        assert len(worker.started) == 2 and worker.starting == set(worker.started)
+        await worker.start_jobs(ids)  # both still starting: nothing more
+        await asyncio.sleep(0)
+        assert len(worker.started) == 2
+        worker.ctx["job_started"](worker.started[0])  # what run_source calls once its source is claimed
+        await worker.start_jobs(ids)
+        await asyncio.sleep(0)
+        assert len(worker.started) == 3 and len(worker.starting) == 2
+        left = [j for j in burst if j not in worker.started]
+        assert not any([await pool.exists(in_progress_key_prefix + j) for j in left])
+    finally:
+        for j in worker.started:
+            worker.tasks[j].cancel()
+        worker.tasks.clear()
+        await pool.delete(queue, *(in_progress_key_prefix + j for j in burst))
+        await pool.aclose()
