@@ -23,13 +23,19 @@ class NoRun(TandemWorker):
         await asyncio.sleep(3600)
 
 
-async def test_claims_what_is_due_free_and_fits(redis_server: RedisServer, settings: Settings) -> None:
-    pool = ArqRedis.from_url(redis_server.url)
+def no_run_worker(settings: Settings, pool: ArqRedis, max_jobs: int) -> NoRun:
+    """The worker as `tandem worker` configures it, on `pool`, without its start-up hooks."""
     opts = worker_options(settings)
     for hook in ("on_startup", "on_shutdown", "redis_settings", "handle_signals", "max_jobs"):
         opts.pop(hook)
-    worker = NoRun(**opts, redis_pool=pool, handle_signals=False, max_jobs=3)
+    worker = NoRun(**opts, redis_pool=pool, handle_signals=False, max_jobs=max_jobs)
     worker.started = []
+    return worker
+
+
+async def test_claims_what_is_due_free_and_fits(redis_server: RedisServer, settings: Settings) -> None:
+    pool = ArqRedis.from_url(redis_server.url)
+    worker = no_run_worker(settings, pool, max_jobs=3)
     queue, p = settings.queue_name, settings.key_prefix
     free = [f"{p}-free-{i}" for i in range(4)]
     here, elsewhere, deferred, gone = (f"{p}-{n}" for n in ("here", "elsewhere", "deferred", "gone"))
@@ -67,11 +73,7 @@ async def test_claims_no_more_than_prefetch_until_they_start(redis_server: Redis
     """A worker holds at most TANDEM_WORKER_PREFETCH jobs claimed and not started: the rest of a
     burst stays in the queue for the other workers, however many slots this one has free."""
     pool = ArqRedis.from_url(redis_server.url)
-    opts = worker_options(settings.model_copy(update={"worker_prefetch": 2}))
-    for hook in ("on_startup", "on_shutdown", "redis_settings", "handle_signals", "max_jobs"):
-        opts.pop(hook)
-    worker = NoRun(**opts, redis_pool=pool, handle_signals=False, max_jobs=10)
-    worker.started = []
+    worker = no_run_worker(settings.model_copy(update={"worker_prefetch": 2}), pool, max_jobs=10)
     queue, p = settings.queue_name, settings.key_prefix
     burst = [f"{p}-burst-{i}" for i in range(6)]
     ids = [j.encode() for j in burst]
