@@ -102,10 +102,10 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "job_deserializer": deserialize,
         "allow_abort_jobs": True,
         "max_jobs": settings.worker_max_jobs,
-        # Due ids read per poll: enough to see past the jobs other workers claimed and have not
-        # started yet (at most TANDEM_WORKER_PREFETCH each), not the whole queue of a burst (arq's
-        # default reads 5 x max_jobs ids on every poll).
-        "queue_read_limit": max(settings.worker_prefetch * 10, 100),
+        # Due ids read per poll: enough to see past the jobs three other workers claimed and have
+        # not started yet (at most TANDEM_WORKER_PREFETCH each), not the whole queue of a burst
+        # (arq's default reads 5 x max_jobs ids on every poll).
+        "queue_read_limit": max(settings.worker_prefetch * 4, 100),
         "poll_delay": settings.worker_poll_delay_s,
         "job_timeout": settings.max_stream_s + JOB_TIMEOUT_MARGIN_S,
         "keep_result": min(60, settings.retention_s),  # a job's result never outlives its stream
@@ -163,7 +163,7 @@ class TandemWorker(Worker):
     because of the outage is released (its in-progress key deleted) so it runs, or is closed, at
     once rather than after arq's in-progress timeout."""
 
-    def __init__(self, *, prefetch: int = 100, **kwargs: Any) -> None:
+    def __init__(self, *, prefetch: int = 1000, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.prefetch = prefetch
         # Jobs claimed here whose source is not claimed yet (run_source calls `job_started` once

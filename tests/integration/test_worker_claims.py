@@ -79,7 +79,7 @@ async def test_claims_no_more_than_prefetch_until_they_start(redis_server: Redis
     ids = [j.encode() for j in burst]
     try:
         await pool.zadd(queue, dict.fromkeys(burst, 1))
-        assert worker.queue_read_limit == 100  # ids read per poll: 10 x prefetch, at least 100
+        assert worker.queue_read_limit == 100  # ids read per poll: 4 x prefetch, at least 100
         await worker.start_jobs(ids)
         await asyncio.sleep(0)
         assert len(worker.started) == 2 and worker.starting == set(worker.started)
