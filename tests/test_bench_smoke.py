@@ -49,7 +49,7 @@ def test_a_run_that_lost_events_is_a_problem_not_a_figure() -> None:
     """A throughput run whose streams ended without all their events (a failed source ends its
     stream too) is reported as wrong, whatever its events/s."""
     ok = {"streams": 5000, "streams_complete": 5000, "events": 505_000, "events_expected": 505_000, "errors": []}
-    lost = {**ok, "events": 81_104, "errors": ["a stream ended without completing"]}
+    lost = {**ok, "events": 81_104, "errors": ["a source failed (an error event)"]}
     assert problems({"throughput": {"5000": {"tandem": ok, "baseline": ok}}}) == []
     (problem,) = problems({"throughput": {"100": {"tandem": ok, "baseline": ok}, "5000": {"tandem": lost, "baseline": ok}}})
     assert problem.startswith("tandem @5000 streams: 81104 of 505000 events delivered")

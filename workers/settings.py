@@ -163,7 +163,7 @@ class TandemWorker(Worker):
     because of the outage is released (its in-progress key deleted) so it runs, or is closed, at
     once rather than after arq's in-progress timeout."""
 
-    def __init__(self, *, prefetch: int = 1000, **kwargs: Any) -> None:
+    def __init__(self, *, prefetch: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.prefetch = prefetch
         # Jobs claimed here whose source is not claimed yet (run_source calls `job_started` once
@@ -243,8 +243,8 @@ class TandemWorker(Worker):
         self._finished = True
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Claim up to the free slots' worth of `job_ids` in one round trip, and run them; no more
-        than make `prefetch` claimed and not started yet.
+        """Claim up to the free slots' worth of `job_ids` in one round trip, and run them, so that
+        at most `prefetch` of this worker's jobs are claimed and not started yet.
 
         arq claims one id at a time (WATCH, EXISTS, ZSCORE, MULTI/PSETEX/EXEC: four round trips in
         a row per id), and every worker walks the same ids in the same order, so two workers
