@@ -48,6 +48,7 @@ def required_fields(doc: dict[str, Any]) -> list[str]:
     for n in p.get("throughput_streams", []):
         paths.append(f"throughput.{n}.ratio")
         paths.append(f"throughput.{n}.tandem.api_redis_conns_max")
+        paths.append(f"throughput.{n}.tandem.worker_redis_conns_max")
         for t in ("tandem", "baseline"):
             paths += [f"throughput.{n}.{t}.{f}" for f in THROUGHPUT_FIELDS]
             procs = ("api", "worker0", "worker1", "redis", "client0") if t == "tandem" else ("baseline", "client0")
@@ -186,6 +187,8 @@ def table(doc: dict[str, Any]) -> str:
         )
     peak = [r["tandem"].get("api_redis_conns_max") for r in tp.values()]
     lines.append(f"{'API Redis conns, max during unpaced runs':<46}{_f(max((p for p in peak if _num(p)), default=None)):>12}")
+    for n, r in tp.items():
+        row(f"worker Redis conns, max of one worker @{n}", r["tandem"].get("worker_redis_conns_max"), None)
     lines.append("CPU, % of one core, per process, over each run's window ('others': the rest of the machine):")
     idle = doc.get("idle_cpu")
     if idle:

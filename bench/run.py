@@ -323,7 +323,7 @@ class Bench:
         self.settle(target)
         target.hold()
         clients: list[Client] = []
-        sampler = ConnSampler(self, target.name == "tandem")
+        sampler = ConnSampler(self, target)
         try:
             clients = self.clients(target, job, n, f"tp{n}")
             for c in clients:
@@ -543,23 +543,28 @@ class Bench:
 
 
 class ConnSampler:
-    """The most Redis connections the API held during a run (sampled from /proc every 0.5 s)."""
+    """The most Redis connections the API, and each worker, held during a run (from /proc every 0.5 s)."""
 
-    def __init__(self, bench: Bench, enabled: bool) -> None:
-        self.bench, self.enabled = bench, enabled
-        self.max: int | None = None
+    def __init__(self, bench: Bench, target: Target) -> None:
+        self.bench = bench
+        self.pids = {k: v for k, v in target.pids.items() if k == "api" or k.startswith("worker")}
+        self.max: dict[str, int] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _sample(self) -> None:
+        assert self.bench.redis is not None and self.max is not None
+        for name, pid in self.pids.items():
+            self.max[name] = max(self.max.get(name, 0), len(local_ports_to(pid, self.bench.redis.port)))
+
     def _run(self) -> None:
-        assert self.bench.redis is not None
         while not self._stop.wait(0.5):
-            n = len(local_ports_to(self.bench.api_pid, self.bench.redis.port))
-            self.max = n if self.max is None else max(self.max, n)
+            self._sample()
 
     def start(self) -> None:
-        if self.enabled:
-            self.max = len(local_ports_to(self.bench.api_pid, self.bench.redis.port)) if self.bench.redis else None
+        if self.pids and self.bench.redis is not None:
+            self.max = {}
+            self._sample()
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
 
@@ -567,10 +572,11 @@ class ConnSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._sample()
 
 
 def summarize_throughput(
-    target: Target, n: int, tokens: int, t_rel: float, results: list[dict[str, Any]], win: CpuWindow, conns: int | None
+    target: Target, n: int, tokens: int, t_rel: float, results: list[dict[str, Any]], win: CpuWindow, conns: dict[str, int] | None
 ) -> dict[str, Any]:
     bins: dict[int, int] = {}
     for r in results:
@@ -599,7 +605,9 @@ def summarize_throughput(
     out["client_cpu_us_per_event"] = round(sum(v for k, v in win.cpu.items() if k.startswith("client")) / events * 1e6, 2)
     out["server_cpu_pct"] = out["cpu"][server[0]]["pct"]
     if conns is not None:
-        out["api_redis_conns_max"] = conns
+        out["api_redis_conns_max"] = conns["api"]
+        # A worker's connections: its append pipe's, plus its pool's (TANDEM_WORKER_REDIS_POOL_SIZE).
+        out["worker_redis_conns_max"] = max(v for k, v in conns.items() if k.startswith("worker"))
     return out
 
 
