@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Most jobs a worker holds claimed but not started yet: a burst of new streams is shared between
     # the workers, each taking what it can start, instead of going to whichever polled first.
     worker_prefetch: int = Field(1000, ge=1)
+    # Pooled Redis connections per worker process (plus its append pipe's own). Commands wait for a
+    # free one; without a bound a worker starting a burst of jobs opens one per command in flight.
+    worker_redis_pool_size: int = Field(64, ge=2, le=1024)
     worker_drain_s: float = Field(default=8.0, ge=0)  # on SIGTERM, running sources get this long to finish; then worker_lost
     orphan_s: float = Field(default=0.0, ge=0)  # cancel a running stream no SSE reader has had open for this long (0 = off)
     append_max_batch: int = Field(256, ge=1, le=10_000)  # most deltas in one XADD round trip
