@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 
 from shared.redis_server import RedisServer, free_port
 
@@ -110,6 +111,13 @@ class Stack:
             if p.alive():
                 p.popen.send_signal(signal.SIGKILL)
                 p.popen.wait(10)
+
+
+def redis_connections(r: redis.Redis, role: str, pid: int) -> int:
+    """Connections Redis lists under the name tandem gives a process's clients: `tandem-<role>:<host>:<pid>`."""
+    clients: list[dict[str, object]] = r.client_list()  # type: ignore[assignment]
+    names = (str(c.get("name", "")) for c in clients)
+    return sum(1 for n in names if n.startswith(f"tandem-{role}:") and n.endswith(f":{pid}"))
 
 
 def wait_ready(proc: Proc, timeout: float = 20.0, path: str = "/readyz") -> None:

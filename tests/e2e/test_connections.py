@@ -12,15 +12,11 @@ import redis
 
 from shared.redis_server import RedisServer
 from tests.client import create
-from tests.harness import stack
+from tests.harness import redis_connections, stack
 
 pytestmark = pytest.mark.e2e
 
 STREAMS = 1000
-
-
-def api_connections(r: redis.Redis, pid: int) -> list[dict[str, object]]:
-    return [c for c in r.client_list() if str(c.get("name", "")).endswith(f":{pid}") and str(c["name"]).startswith("tandem-api:")]
 
 
 async def open_streams(base_port: int, paths: list[str]) -> tuple[list[asyncio.StreamWriter], int]:
@@ -52,12 +48,12 @@ def test_1000_open_streams_hold_few_redis_connections(tmp_path: Path, redis_serv
         with httpx.Client(base_url=base, timeout=10) as c:
             handles = [c.post("/v1/streams", json=body).json() for _ in range(STREAMS)]
         r = redis.Redis.from_url(redis_server.url)
-        before = len(api_connections(r, api.popen.pid))
+        before = redis_connections(r, "api", api.popen.pid)
 
         async def scenario() -> tuple[int, int]:
             writers, ok = await open_streams(api.port or 0, [h["events_url"] for h in handles])
             await asyncio.sleep(0.5)
-            held = len(api_connections(r, api.popen.pid))
+            held = redis_connections(r, "api", api.popen.pid)
             metrics = (await asyncio.to_thread(httpx.get, base + "/metrics")).text
             assert "tandem_open_streams 1000.0" in metrics, [ln for ln in metrics.splitlines() if "open_streams" in ln]
             for w in writers:

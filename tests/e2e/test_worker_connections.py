@@ -13,16 +13,12 @@ import redis
 
 from shared.redis_server import RedisServer
 from tests.client import create
-from tests.harness import stack
+from tests.harness import redis_connections, stack
 
 pytestmark = pytest.mark.e2e
 
 STREAMS = 300
 POOL = 4
-
-
-def worker_connections(r: redis.Redis, pid: int) -> int:
-    return sum(1 for c in r.client_list() if str(c.get("name", "")).startswith("tandem-worker:") and str(c["name"]).endswith(f":{pid}"))
 
 
 def test_a_burst_of_jobs_runs_on_a_bounded_pool(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -42,7 +38,7 @@ def test_a_burst_of_jobs_runs_on_a_bounded_pool(tmp_path: Path, redis_server: Re
         def sample() -> None:
             nonlocal most
             while not stop.wait(0.01):
-                most = max(most, worker_connections(r, worker.popen.pid))
+                most = max(most, redis_connections(r, "worker", worker.popen.pid))
 
         sampler = threading.Thread(target=sample)
         sampler.start()
