@@ -1,11 +1,12 @@
-"""A lean ASGI response for SSE: one watcher task per connection, nothing per event.
+"""A lean ASGI response for SSE: no task of its own per connection, nothing per event.
 
 sse-starlette runs four tasks per response (sender, pinger, shutdown watcher, disconnect
 watcher) in an anyio task group; at thousands of open streams those tasks are most of a
 connection's memory and about half of the per-event cost (PERFORMANCE.md). Here the request's own
 task sends (the body iterator already merges events and pings, since it knows when it last sent),
-one small task waits for the client's disconnect, and shutdown is a flag the process sets on every
-open stream. Its wire format is still built by shared/events.py.
+uvicorn's own signal of a lost connection closes the stream (a task waiting on `receive` does,
+under any other server), and shutdown is a flag the process sets on every open stream. Its wire
+format is still built by shared/events.py.
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ class SSEResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         live = self.live
-        watcher = loop.create_task(_watch_disconnect(receive, live))
+        cycle = httptools_cycle(send)
+        # A disconnect closes `live` at once: told by uvicorn's cycle itself where it can be (no
+        # task per connection that only waits: ~1.5 KB each at 10,000 open streams), else by a
+        # task waiting on `receive`.
+        watcher = None if cycle is not None and watch_disconnect(cycle, live) else loop.create_task(_watch_disconnect(receive, live))
         me = asyncio.current_task()
         stalled = False
 
@@ -133,7 +138,7 @@ class SSEResponse(StreamingResponse):
         live.on_stall = stall  # a reader that accepts nothing for send_timeout_s is cut off (it can resume)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            live.writer = chunk_writer(send)
+            live.writer = chunk_writer(send, cycle) if cycle is not None else None
             async for chunk in self.body_iterator:
                 if live.closed:
                     break
@@ -156,7 +161,8 @@ class SSEResponse(StreamingResponse):
                 transport.abort()
         finally:
             live.writer = None
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -228,11 +234,48 @@ _HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 _CYCLE_FIELDS = ("flow", "disconnected", "response_started", "response_complete", "chunked_encoding")
 
 
-def chunk_writer(send: Any) -> ChunkWriter | None:
-    """A ChunkWriter for the response behind `send`, once its head is out; None if it cannot have one."""
+def httptools_cycle(send: Any) -> Any:
+    """uvicorn's httptools request cycle behind `send`, if that is the server and it has every
+    field used here; None otherwise."""
     cycle = _server_cycle(send)
     if cycle is None or type(cycle).__module__ != _HTTPTOOLS_CYCLE or not all(hasattr(cycle, f) for f in _CYCLE_FIELDS):
         return None
-    if not cycle.response_started or cycle.chunked_encoding is not True:
+    return cycle
+
+
+def chunk_writer(send: Any, cycle: Any = None) -> ChunkWriter | None:
+    """A ChunkWriter for the response behind `send` (its `httptools_cycle`, if known), once its head
+    is out; None if it cannot have one."""
+    cycle = cycle if cycle is not None else httptools_cycle(send)
+    if cycle is None or not cycle.response_started or cycle.chunked_encoding is not True:
         return None
     return ChunkWriter(cycle)
+
+
+class _LostSignal(asyncio.Event):
+    """Takes the place of a request cycle's `message_event`, which uvicorn sets when the connection
+    is lost, right after marking the cycle `disconnected` (and for the request body's parts, which
+    a GET had before its response began). `receive` waits on it as before; a set that finds the
+    cycle disconnected also closes the stream's `Liveness`."""
+
+    def __init__(self, cycle: Any, live: Liveness) -> None:
+        super().__init__()
+        self._cycle, self._live = cycle, live
+        if cycle.message_event.is_set():
+            super().set()
+
+    def set(self) -> None:
+        super().set()
+        if self._cycle.disconnected:
+            self._live.close("disconnect")
+
+
+def watch_disconnect(cycle: Any, live: Liveness) -> bool:
+    """Close `live` when the client behind uvicorn's httptools `cycle` goes away, without a task.
+    False if this cycle has no `message_event` to take the place of."""
+    if type(getattr(cycle, "message_event", None)) is not asyncio.Event:
+        return False
+    cycle.message_event = _LostSignal(cycle, live)
+    if cycle.disconnected:
+        live.close("disconnect")
+    return True

@@ -1,8 +1,10 @@
-"""api/response.py's ChunkWriter under a real uvicorn server (in this test's loop, on a free port).
+"""api/response.py's ChunkWriter and SSEResponse under a real uvicorn server (in this test's loop,
+on a free port).
 
 The writer repeats uvicorn's HTTP/1.1 chunk framing on its transport, so these tests read the raw
 bytes off the socket: what the writer and `send` wrote, interleaved, must be one well-formed
-chunked body. And it must step aside whenever only `send` may write.
+chunked body. And it must step aside whenever only `send` may write. A client that leaves closes
+its response's stream at once, with no task per connection under httptools.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 import pytest
 import uvicorn
 
-from api.response import ChunkWriter, chunk_writer
+from api.response import ChunkWriter, Liveness, SSEResponse, chunk_writer
 from shared.redis_server import free_port
+from shared.waker import Waker
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 HEAD = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
@@ -25,7 +28,7 @@ HEAD = {"type": "http.response.start", "status": 200, "headers": [(b"content-typ
 @asynccontextmanager
 async def serving(app: App, http: str = "httptools") -> AsyncIterator[int]:
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, lifespan="off", log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, lifespan="off", log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -141,3 +144,43 @@ async def test_not_ready_when_the_client_stops_reading_or_leaves(client: str) ->
         writer.close()
     # Flow control paused the transport (or the disconnect was seen) long before 256 MB.
     assert written < 64 << 20
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_client_that_leaves_closes_its_stream_at_once(http: str) -> None:
+    """Under httptools, uvicorn's own signal of the lost connection closes the stream and the
+    response runs no task besides the request's; any other server gets a task waiting on `receive`."""
+    lives: list[Liveness] = []
+    tasks: list[int] = []
+    ended: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        live = Liveness(Waker())
+        lives.append(live)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: hi\n\n"
+            tasks.append(len(asyncio.all_tasks()))
+            while not live.closed:
+                live.waker.clear()
+                await live.waker.wait(None)  # no deadline: only a close ends this
+            ended.set_result(live.reason)
+
+        await SSEResponse(body(), live, send_timeout_s=30)(scope, receive, send)
+
+    async with serving(wrapped(app), http) as port:
+        idle = len(asyncio.all_tasks())  # this test's and the server's own
+        reader, writer = await get(port)
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"data: hi\n\n")
+            writer.transport.abort()
+            assert await ended == "disconnect"
+        writer.close()
+    # The request's task, and under h11 the watcher; the server's own per-connection tasks aside.
+    extra = tasks[0] - idle
+    if http == "httptools":
+        assert extra == 1
+    else:
+        assert extra >= 2
