@@ -55,6 +55,6 @@ def test_a_burst_of_jobs_runs_on_a_bounded_pool(tmp_path: Path, redis_server: Re
         finally:
             stop.set()
             sampler.join()
+            r.close()
         print(f"\n{2 * STREAMS} jobs released at once: the worker held at most {most} Redis connections (pool {POOL})")
         assert 1 <= most <= POOL + 1  # + the append pipe's own connection
-        r.close()

@@ -150,7 +150,6 @@ async def test_not_ready_when_the_client_stops_reading_or_leaves(client: str) ->
 async def test_a_client_that_leaves_closes_its_stream_at_once(http: str) -> None:
     """Under httptools, uvicorn's own signal of the lost connection closes the stream and the
     response runs no task besides the request's; any other server gets a task waiting on `receive`."""
-    lives: list[Liveness] = []
     tasks: list[int] = []
     ended: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
 
@@ -158,7 +157,6 @@ async def test_a_client_that_leaves_closes_its_stream_at_once(http: str) -> None
         if scope["type"] != "http":
             return
         live = Liveness(Waker())
-        lives.append(live)
 
         async def body() -> AsyncIterator[bytes]:
             yield b"data: hi\n\n"
