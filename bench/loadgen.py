@@ -196,6 +196,7 @@ class ParseSink(Sink):
         self.window = window_ms
         self.require_flush = require_flush  # tandem: only A's tokens written after the flush are live
         self.token_lat: list[float] = []
+        self.token_ms: list[int] = []  # each sample's write millisecond (which span of the run it is from)
         # From each token's due time in its producer's schedule (the first token's write + i x the
         # interval) to its receipt: what a person sees, the producer's own delays and (tandem) the
         # worker's write window included, which the write-to-receipt latency leaves out.
@@ -234,6 +235,7 @@ class ParseSink(Sink):
                     live = rec.flush_t is not None and ms > rec.flush_t * 1000 if self.require_flush else True
                     if live and self.window[0] <= ms <= self.window[1] and not (rec.excl_lo <= ms <= rec.excl_hi):
                         self.token_lat.append(t * 1000 - ms)
+                        self.token_ms.append(ms)
                         if self.interval_ms is not None:
                             self.due_lat.append(t * 1000 - (rec.first_a_ms + (rec.a_deltas - 1) * self.interval_ms))
             elif ev == b"done":
@@ -630,10 +632,18 @@ async def job_paced(job: Job) -> dict[str, Any]:
                 per["resume_steady_ms"].append(x)
             if r.resume_first_ms is not None and r.resume_first_ms <= r.resume_t * 1000:
                 resume_missed += 1  # the first event after the reconnect had been written before it
+    # The tokens written while the steady flushes happened: flushes all fall in the first part of
+    # the run (B completes 0.6-9 s after its start), while streams are still being created, slowed
+    # and resumed, and most token samples come later, when every stream flows freely. A flush
+    # travels the token's path, so its latency is comparable with these, not with all tokens.
+    steady_b = [r.b_done_ms for r in job.recs if r.b_done_ms is not None and r.first_flushed_t is not None and r.b_done_ms > ramp_end * 1000]
+    lo_ms, hi_ms = (min(steady_b), max(steady_b)) if steady_b else (0, -1)
+    span_lat = [round(x, 3) for x, ms in zip(sink.token_lat, sink.token_ms, strict=True) if lo_ms <= ms <= hi_ms]
     ok = sum(r.end_t is not None and r.order_errors == 0 and (tokens is None or r.a_deltas == tokens) for r in job.recs)
     return {
         "complete": complete,
         "token_lat_ms": [round(x, 3) for x in sink.token_lat],
+        "token_flush_span_ms": span_lat,
         "due_lat_ms": [round(x, 3) for x in sink.due_lat],
         **per,
         "deltas": sum(r.deltas for r in job.recs),

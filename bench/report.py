@@ -227,6 +227,8 @@ def _latency_rows(row: Any, t: dict[str, Any], b: dict[str, Any], at: str) -> No
     row("  p50 / p99 incl. the creation ramp", t.get("flush_p50_ms"), None, digits=2)
     row("", t.get("flush_p99_ms"), None, digits=2)
     row("  left out: B done while its client was away", t.get("flushes_while_away"), None, digits=0)
+    row("  token latency p50 / p99 over the same span", t.get("token_flush_span_p50_ms"), None, digits=2)
+    row("", t.get("token_flush_span_p99_ms"), None, digits=2)
     row(f"resume p50 / p99, all open {at}", t.get("resume_steady_p50_ms"), None, digits=2)
     row("", t.get("resume_steady_p99_ms"), None, "<= 20 ms", digits=2)
     row("  p50 / p99 incl. the creation ramp", t.get("resume_p50_ms"), None, digits=2)

@@ -403,6 +403,9 @@ class Bench:
             out |= _named("flush_steady", pcts((x for r in results for x in r["flush_steady_ms"]), 0.5, 0.99))
             out["flush_steady_samples"] = sum(len(r["flush_steady_ms"]) for r in results)
             out["flushes_while_away"] = sum(r["flushes_while_away"] for r in results)
+            span = [x for r in results for x in r["token_flush_span_ms"]]
+            out |= _named("token_flush_span", pcts(span, 0.5, 0.99))
+            out["token_flush_span_samples"] = len(span)
             out |= _named("resume", pcts((x for r in results for x in r["resume_ms"]), 0.5, 0.99))
             out |= _named("resume_steady", pcts((x for r in results for x in r["resume_steady_ms"]), 0.5, 0.99))
             out["resume_steady_samples"] = sum(len(r["resume_steady_ms"]) for r in results)
