@@ -8,7 +8,8 @@ reconnect, a full buffer) marks the source `behind`, and the next `fill` reads f
 applied after it: at 20 tokens/s a new one arrives during almost every read of a busy process,
 and reading again for each would keep the source behind for as long as the stream runs. So the feed never holds more than about one batch per source, however long the stream,
 and never loses or repeats an entry: entries go to the pacer strictly in id order.
-B's entries are not read at all while A is still going; only B's completion is noted.
+While B runs and A is slowed, it holds even less of A (`slow_buffer`), refilled as the slow pace
+takes it. B's entries are not read at all while A is still going; only B's completion is noted.
 
 A connection starts behind. Its request may have read A's first entries already (`prefill`: read
 with the request's checks, before the subscription was confirmed); the first fill still reads
@@ -48,13 +49,21 @@ class SourceState:
 
 
 class Feed:
-    __slots__ = ("_a", "_b", "_batch", "_check_b", "_store", "_stream_id", "b_completed_at", "notify", "pacer", "resyncs", "send", "waker")
+    __slots__ = ("_a", "_b", "_batch", "_check_b", "_slow", "_store", "_stream_id", "b_completed_at", "notify", "pacer", "resyncs", "send", "waker")
 
-    def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int) -> None:
-        """`cursor`: read strictly after it (see `start_point`)."""
+    def __init__(self, store: Store, stream_id: str, cursor: Cursor, pacer: Pacer, batch: int, slow_buffer: int | None = None) -> None:
+        """`cursor`: read strictly after it (see `start_point`). `batch`: the most entries one
+        read asks for, and the most the pacer holds of a source; `slow_buffer` (at most `batch`):
+        the most it holds of A while B runs and A is slowed (TANDEM_SLOW_BUFFER)."""
         self._store = store
         self._stream_id = stream_id
         self._batch = batch
+        # While B runs, the pacer lets one of A's deltas go per slow interval, and A's backlog
+        # waits in Redis rather than here: held here, it would cost each connection up to a
+        # batch of events (a hundred KB) for as long as B runs, and those events, alive for
+        # seconds, are most of what the garbage collector's young passes walk at that stage.
+        # The flush sends what is held at once and reads the rest (as a resume would).
+        self._slow = batch if pacer.slow_interval <= 0 or slow_buffer is None else max(1, min(slow_buffer, batch))
         self.pacer = pacer
         self.waker = Waker()
         # Called once an announcement has been taken in: wakes the reader, unless the reader put
@@ -126,7 +135,7 @@ class Feed:
             else:
                 st.behind = True  # a gap: announcements were missed (or this one is not ours)
                 return False
-        if self.pacer.pending(ann.source) + len(events) > self._batch:
+        if self.pacer.pending(ann.source) + len(events) > self._cap(ann.source):
             st.behind = True  # the pacer is full: read these later, from Redis
             return False
         self._take(st, events)
@@ -142,17 +151,32 @@ class Feed:
 
     def prefill(self, events: list[Event]) -> None:
         """A's entries after the connection's cursor, read before the subscription was confirmed:
-        to the pacer at once. A stays behind: the first fill reads what follows them."""
-        self._take(self._a, events)
+        to the pacer at once (as many as it holds now). A stays behind: the first fill reads
+        what follows them."""
+        self._take(self._a, events[: self._cap("a")])
+
+    def _cap(self, source: str) -> int:
+        """The most events of `source` the pacer holds now."""
+        return self._slow if source == "a" and not self.pacer.b_complete else self._batch
 
     def needs_fill(self) -> bool:
-        # (Asked twice per live event: written out rather than with `_wanted`.)
+        # (Asked twice per live event: written out rather than with `_wanted` and `_cap`.)
         if self._check_b:
             return True
-        a, b, pacer, half = self._a, self._b, self.pacer, (self._batch + 1) // 2
-        if a.behind and not a.closed and pacer.pending("a") < half:
+        a, b, pacer = self._a, self._b, self.pacer
+        if a.behind and not a.closed and pacer.pending("a") < ((self._batch if pacer.b_complete else self._slow) + 1) // 2:
             return True
-        return b.behind and not b.closed and pacer.a_finished and pacer.pending("b") < half
+        return b.behind and not b.closed and pacer.a_finished and pacer.pending("b") < (self._batch + 1) // 2
+
+    def must_read_first(self) -> bool:
+        """Whether the pacer must not be polled before the next fill: its next decision needs B's
+        state or events (whether B has completed, what follows A). What it holds of A may go out
+        while A is behind: what follows is read after it, in order. (So a flush that leaves A
+        behind, its backlog in Redis, sends what is held at once, then reads the rest.)"""
+        if self._check_b:
+            return True
+        b = self._b
+        return b.behind and not b.closed and self.pacer.a_finished
 
     async def fill(self) -> None:
         """Catch up from Redis where behind, for the sources the pacer wants now (the first time,
@@ -172,9 +196,9 @@ class Feed:
     async def _fill(self) -> None:
         for src in SOURCES:
             st = self._st(src)
-            while st.behind and self._wanted(src) and self.pacer.pending(src) < (self._batch + 1) // 2:
+            while st.behind and self._wanted(src) and self.pacer.pending(src) < (self._cap(src) + 1) // 2:
                 st.dirty = False
-                room = self._batch - self.pacer.pending(src)  # the pacer never holds more than a batch
+                room = self._cap(src) - self.pacer.pending(src)  # the pacer never holds more than that
                 st.reading = True
                 try:
                     events = await self._store.read_events(self._stream_id, src, st.after, room)

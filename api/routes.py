@@ -249,7 +249,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
         pacer = Pacer(pacing.get("slow_interval_ms", 0) / 1000, pacing.get("b_interval_ms", 0) / 1000, a_state=a_state, b_state=b_state)
         if is_terminal(meta.get("b_state")):
             pacer.b_completed()  # (a terminal state is final; a later completion is the feed's to notice)
-        feed = Feed(store, stream_id, cursor, pacer, s.read_batch)
+        feed = Feed(store, stream_id, cursor, pacer, s.read_batch, s.slow_buffer)
         if isinstance(early, list) and cursor.source == "a" and cursor.entry == early_from:
             feed.prefill(early)  # (not when start_point moved the cursor past A)
         await hub.subscribe(channel, feed)  # held: confirmed already, no round trip

@@ -94,7 +94,7 @@ async def event_stream(
         brought it (at 20,000 paced tokens/s that was a third of the API's CPU). Anything else is
         the task's: it is woken when there is more to do than this, or sooner than it would wake."""
         writer = writer_now()
-        if writer is None or feed.needs_fill():
+        if writer is None or feed.must_read_first():
             feed.waker.set()
             return
         try:

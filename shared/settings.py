@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     sse_send_timeout_s: float = Field(30.0, gt=0)
     sse_shutdown_grace_s: float = Field(3.0, ge=0)
     read_batch: int = Field(512, ge=1, le=10_000)  # entries per catch-up XRANGE and per-source buffer cap
+    slow_buffer: int = Field(32, ge=1, le=10_000)  # A's entries a connection holds while B runs (the rest waits in Redis)
 
     # Requests and limits
     max_body_bytes: int = Field(1_048_576, ge=1024)

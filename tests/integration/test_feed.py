@@ -98,6 +98,7 @@ async def open_reader(
     slow: float = 0.0,
     b_gap: float = 0.0,
     batch: int = 512,
+    slow_buffer: int | None = None,
 ) -> Reader:
     """What the events route does before it starts the body ("early": A's first entries read
     with the meta, before subscribing; B's state is the feed's first fill's to check)."""
@@ -110,7 +111,7 @@ async def open_reader(
     pacer = CheckedPacer(slow, b_gap, a_state=a_state, b_state=b_state)
     if is_terminal(meta.get("b_state")):
         pacer.b_completed()
-    feed = Feed(store, sid, cursor, pacer, batch)
+    feed = Feed(store, sid, cursor, pacer, batch, slow_buffer)
     if early is not None and cursor.source == "a" and cursor.entry == early_from:
         feed.prefill(early)
     await hub.subscribe(store.keys.channel(sid), feed)
@@ -692,6 +693,37 @@ async def test_long_live_backlog_while_slow(hub: Hub, store: Store) -> None:
     await task
     assert reader.events() == await expected(store, sid)
     assert reader.pacer.max_pending["a"] <= 16
+
+
+async def test_while_b_runs_a_backlog_waits_in_redis_and_flushes_when_b_completes(hub: Hub, cstore: CountingStore) -> None:
+    """TANDEM_SLOW_BUFFER: while B runs, the pacer holds at most `slow_buffer` of A's entries
+    (refilled from Redis as the slow pace takes them); when B completes, what it holds goes out
+    at once and the rest is read after it: every entry exactly once, in order."""
+    store = cstore
+    sid = await running_stream(store)
+    reader = await open_reader(hub, store, sid, slow=0.02, batch=64, slow_buffer=6)
+    task = asyncio.create_task(run_reader(reader, hub, store, sid))
+    await write(store, sid, "a", 150, pause=0.002, max_batch=4, terminal=[])
+    for _ in range(500):  # a few refills at the slow pace (waited for: a busy machine stalls)
+        if sum(m.event == "delta" for m in reader.messages) >= 12:
+            break
+        await asyncio.sleep(0.01)
+    held_while_slow = reader.pacer.max_pending["a"]
+    reads_while_slow = sum(src == "a" for src, *_ in store.reads)
+    flush_at = len(reader.messages)
+    await store.finish(sid, ["b"], done_fields(0))
+    await store.finish(sid, ["a"], done_fields(150))
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert_shape(reader)
+    assert reader.phases() == ["slow", "flush", "b"]
+    assert held_while_slow <= 6
+    assert reads_while_slow >= 2  # refilled from Redis while slow, not held
+    assert reader.pacer.max_pending["a"] <= 64
+    # The flush read the backlog in reads of up to a batch, not six at a time.
+    flush_reads = [count for src, _, count, _ in store.reads[reads_while_slow:] if src == "a"]
+    assert flush_reads and max(flush_reads) > 6
+    assert sum(m.event == "delta" for m in reader.messages[flush_at:]) > 100
 
 
 async def test_live_batches_larger_than_read_batch(hub: Hub, store: Store) -> None:
