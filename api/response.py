@@ -122,7 +122,8 @@ class SSEResponse(StreamingResponse):
         # A disconnect closes `live` at once: told by uvicorn's cycle itself where it can be (no
         # task per connection that only waits: ~1.5 KB each at 10,000 open streams), else by a
         # task waiting on `receive`.
-        watcher = None if cycle is not None and watch_disconnect(cycle, live) else loop.create_task(_watch_disconnect(receive, live))
+        lost = watch_disconnect(cycle, live) if cycle is not None else None
+        watcher = None if lost is not None else loop.create_task(_watch_disconnect(receive, live))
         me = asyncio.current_task()
         stalled = False
 
@@ -160,7 +161,15 @@ class SSEResponse(StreamingResponse):
             if transport is not None:
                 transport.abort()
         finally:
+            # Nothing the response made may keep itself alive once it is over: a reference cycle
+            # (`live` -> `stall` -> `live`, the cycle -> its signal -> the cycle) would keep the
+            # connection's transport, task and buffers with it until a full collection of the
+            # garbage collector, which the API's thresholds (shared/gcpolicy.py) make rare: every
+            # closed connection cost ~25 objects and its buffers until then.
             live.writer = None
+            live.on_stall = None
+            if lost is not None:
+                lost.detach()
             if watcher is not None:
                 watcher.cancel()
             aclose = getattr(self.body_iterator, "aclose", None)
@@ -260,22 +269,29 @@ class _LostSignal(asyncio.Event):
 
     def __init__(self, cycle: Any, live: Liveness) -> None:
         super().__init__()
-        self._cycle, self._live = cycle, live
+        self._cycle: Any = cycle
+        self._live: Liveness | None = live
         if cycle.message_event.is_set():
             super().set()
 
     def set(self) -> None:
         super().set()
-        if self._cycle.disconnected:
-            self._live.close("disconnect")
+        cycle, live = self._cycle, self._live
+        if cycle is not None and live is not None and cycle.disconnected:
+            live.close("disconnect")
+
+    def detach(self) -> None:
+        """The response is over: from here on this is only the cycle's plain event again."""
+        self._cycle = self._live = None
 
 
-def watch_disconnect(cycle: Any, live: Liveness) -> bool:
-    """Close `live` when the client behind uvicorn's httptools `cycle` goes away, without a task.
-    False if this cycle has no `message_event` to take the place of."""
+def watch_disconnect(cycle: Any, live: Liveness) -> _LostSignal | None:
+    """Close `live` when the client behind uvicorn's httptools `cycle` goes away, without a task;
+    `detach` the signal when the response ends. None if this cycle has no `message_event` to take
+    the place of."""
     if type(getattr(cycle, "message_event", None)) is not asyncio.Event:
-        return False
-    cycle.message_event = _LostSignal(cycle, live)
+        return None
+    lost = cycle.message_event = _LostSignal(cycle, live)
     if cycle.disconnected:
         live.close("disconnect")
-    return True
+    return lost

@@ -198,7 +198,7 @@ async def open_events(state: State, stream_id: str, token: str | None, raw: str 
         try:
             parsed = Cursor.parse(raw)  # type: ignore[arg-type]
         except CursorError as e:
-            parsed = e
+            parsed = e.with_traceback(None)  # kept, its traceback not: it holds this frame, which holds it
     if state.hub.listeners >= s.max_streams_per_process:
         raise ApiError(429, "too_many_streams", "this API process serves its maximum of open streams; retry", headers={"Retry-After": "1"})
     hub = state.hub

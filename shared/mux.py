@@ -130,7 +130,9 @@ class Mux:
                 try:
                     reply: Any = await conn.read_response(disconnect_on_error=False)
                 except ResponseError as e:
-                    reply = e  # that command's answer: handed to it (a result, not the future's exception)
+                    # That command's answer: handed to it (a result, not the future's exception),
+                    # without the traceback, which holds the parser's frame, which holds the error.
+                    reply = e.with_traceback(None)
                 if not self._pending:
                     raise RedisConnectionError("a reply from Redis that no command asked for")
                 fut = self._pending.popleft()

@@ -10,6 +10,7 @@ its response's stream at once, with no task per connection under httptools.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -182,3 +183,62 @@ async def test_a_client_that_leaves_closes_its_stream_at_once(http: str) -> None
         assert extra == 1
     else:
         assert extra >= 2
+
+
+class CountedLiveness(Liveness):
+    """A Liveness that counts its instances alive: freed by reference counting alone, it is gone
+    as soon as nothing refers to it, without any pass of the garbage collector."""
+
+    __slots__ = ()
+    alive = 0
+
+    def __init__(self, waker: Waker) -> None:
+        super().__init__(waker)
+        CountedLiveness.alive += 1
+
+    def __del__(self) -> None:
+        CountedLiveness.alive -= 1
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+@pytest.mark.parametrize("how", ["client_leaves", "stream_ends"])
+async def test_a_finished_response_leaves_no_garbage_cycle(http: str, how: str) -> None:
+    """Regression: the response's own references (`live.on_stall` -> its closure -> `live`; the
+    request cycle -> its lost-connection signal -> the cycle) made each finished response a
+    reference cycle holding its connection's transport, task and buffers until a full collection
+    of the garbage collector, which the API's thresholds make rare: an API process grew by every
+    connection it had served. With the collector off, the response's Liveness must still go."""
+    ended: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        live = CountedLiveness(Waker())
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: hi\n\n"
+            while how == "client_leaves" and not live.closed:
+                live.waker.clear()
+                await live.waker.wait(None)
+
+        await SSEResponse(body(), live, send_timeout_s=30)(scope, receive, send)
+        ended.set_result(live.reason)
+
+    gc.collect()
+    before = CountedLiveness.alive
+    gc.disable()
+    try:
+        async with serving(wrapped(app), http) as port:
+            reader, writer = await get(port)
+            async with asyncio.timeout(10):
+                await reader.readuntil(b"data: hi\n\n")
+                if how == "client_leaves":
+                    writer.transport.abort()
+                else:
+                    await reader.readuntil(b"0\r\n\r\n")
+                assert await ended == ("disconnect" if how == "client_leaves" else None)
+                while CountedLiveness.alive > before:  # the request's task unwinds a loop turn later
+                    await asyncio.sleep(0.01)
+            writer.close()
+    finally:
+        gc.enable()
