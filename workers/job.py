@@ -39,6 +39,20 @@ SHUTDOWN_WRITE_S = 3.0  # longest a stopping worker waits to write `worker_lost`
 
 
 async def run_source(ctx: dict[str, Any], stream_id: str, source: str) -> str:
+    try:
+        return await _run_source(ctx, stream_id, source)
+    except asyncio.CancelledError as e:
+        # arq keeps the exception that ended a job in its own frame (`result = e`), which the
+        # exception's traceback holds in turn: a reference cycle that would keep this job's frames,
+        # its appender, lease and task (~55 objects) until a full GC collection. The worker cuts
+        # it once arq is done with the job (TandemWorker.run_job).
+        ended = ctx.get("job_cancelled")
+        if ended is not None:
+            ended(ctx.get("job_id"), e)
+        raise
+
+
+async def _run_source(ctx: dict[str, Any], stream_id: str, source: str) -> str:
     if source not in ("a", "b"):
         raise ValueError(f"bad source {source!r}")
     src = cast(Source, source)

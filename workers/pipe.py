@@ -111,6 +111,7 @@ class AppendPipe:
                         else:
                             fut.set_result(int(result))
                     renewals = []
+                    del batch, calls, results  # not kept while the pipe waits: an ended source's appender goes now
         finally:  # stopping: no lease waits on a write that will not happen
             for *_, fut in (*renewals, *self._renewals):
                 fut.cancel()

@@ -173,6 +173,9 @@ class TandemWorker(Worker):
         # Store.start answered): at most `prefetch` of them.
         self.starting: set[str] = set()
         self.ctx["job_started"] = self.starting.discard
+        # The CancelledError that ended each cancelled job, until arq is done with it (run_job).
+        self.cancelled: dict[str, BaseException] = {}
+        self.ctx["job_cancelled"] = self.cancelled.__setitem__
         self._down_since = 0.0
         self._backoff = 0.1
         self._claim: AsyncScript | None = None  # registered once arq has made its pool
@@ -323,6 +326,11 @@ class TandemWorker(Worker):
             await redis_retry(lambda: self.pool.delete(in_progress_key_prefix + job_id), "release job")
         finally:
             self.starting.discard(job_id)  # (a job that ended before its source's claim)
+            exc = self.cancelled.pop(job_id, None)
+            if exc is not None:
+                # arq's frame holds it (its job result) and its traceback holds that frame:
+                # without the traceback the cycle is gone, and the job's objects with it.
+                exc.__traceback__ = None
 
     async def close(self) -> None:
         try:
