@@ -15,6 +15,11 @@ allocations net of frees, and an API process sending events frees older ones as 
 new ones: at 1,000 paced streams its young collections still came every ~0.4 s, with pauses of
 2-9 ms at worst. Collecting on a timer instead, or the middle generation more often, measured
 worse: README, Performance.)
+
+Full collections are that rare, so nothing that runs per connection or per job may leave a
+reference cycle behind: it would hold its objects (a connection's transport and buffers, a job's
+frames) until the next one, which in practice never came (README, "The night of 2026-12-07";
+tests/integration/test_response.py runs a response with the collector off).
 """
 
 from __future__ import annotations
