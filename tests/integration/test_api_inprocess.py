@@ -8,6 +8,7 @@ wait forever).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -250,3 +251,54 @@ async def test_the_first_events_go_out_with_the_head(settings: Settings, store: 
         msgs, _ = parse_sse(body)
         assert status == 200
         assert [(e, i) for e, i, _ in msgs] == [("meta", None), ("phase", None), *(("delta", f"a-{i}") for i in ids[1:])]
+
+
+async def test_served_connections_leave_no_garbage_cycle(settings: Settings, store: Store) -> None:
+    """The whole events route under a real uvicorn (httptools), with the garbage collector off:
+    every connection's objects go by reference counting alone once it is over, whether the client
+    left, the stream ended, or the request was refused (a full collection, which the API's GC
+    thresholds make rare, would otherwise be the only thing to free them: README, Performance)."""
+    from api.feed import Feed
+    from api.response import Liveness
+    from tests.integration.test_response import serving
+
+    def alive(kind: type) -> int:
+        return sum(type(o) is kind for o in gc.get_objects())
+
+    app = create_app(settings.model_copy(update={"sse_ping_s": 60.0}))
+    gc.collect()
+    gc.disable()
+    try:
+        async with app.router.lifespan_context(app), serving(app) as port:
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=base) as c:
+                doc = await create(c)
+                sid, token = doc["id"], doc["token"]
+                await store.start(sid, "a", "test")
+                await store.start(sid, "b", "test")
+                await store.append(sid, "a", ["one ", "two "])
+                path = f"/v1/streams/{sid}/events?token={token}"
+
+                async def get(headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n{headers}\r\n".encode())
+                    await writer.drain()
+                    return reader, writer
+
+                async with asyncio.timeout(20):
+                    leaves, leaves_w = await get()
+                    await leaves.readuntil(b"event: delta")
+                    leaves_w.transport.abort()  # the client leaves mid-stream
+                    refused, refused_w = await get("Last-Event-ID: not-an-id\r\n")
+                    assert (await refused.readuntil(b"\r\n")).startswith(b"HTTP/1.1 400")
+                    refused_w.close()
+                    reads, reads_w = await get()
+                    await reads.readuntil(b"event: delta")
+                    await store.finish(sid, ["a"], done_fields(2))
+                    await store.finish(sid, ["b"], done_fields(0))
+                    await reads.readuntil(b"event: end")
+                    reads_w.close()
+                    while alive(Liveness) or alive(Feed):  # noqa: ASYNC110 (counts, nothing to wait on)
+                        await asyncio.sleep(0.02)
+    finally:
+        gc.enable()
