@@ -147,27 +147,36 @@ async def test_not_ready_when_the_client_stops_reading_or_leaves(client: str) ->
     assert written < 64 << 20
 
 
+def sse_app(ended: asyncio.Future[str | None], *, hold: bool = True, make_live: Callable[[Waker], Liveness] = Liveness, at_first: Callable[[], object] = lambda: None) -> App:
+    """An SSE response of one event that then (with `hold`) stays open until its stream is closed;
+    `ended` gets the stream's close reason once the response is over. `at_first` runs after the
+    first event was yielded."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        live = make_live(Waker())
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: hi\n\n"
+            at_first()
+            while hold and not live.closed:
+                live.waker.clear()
+                await live.waker.wait(None)  # no deadline: only a close ends this
+
+        await SSEResponse(body(), live, send_timeout_s=30)(scope, receive, send)
+        ended.set_result(live.reason)
+
+    return app
+
+
 @pytest.mark.parametrize("http", ["httptools", "h11"])
 async def test_a_client_that_leaves_closes_its_stream_at_once(http: str) -> None:
     """Under httptools, uvicorn's own signal of the lost connection closes the stream and the
     response runs no task besides the request's; any other server gets a task waiting on `receive`."""
     tasks: list[int] = []
     ended: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        live = Liveness(Waker())
-
-        async def body() -> AsyncIterator[bytes]:
-            yield b"data: hi\n\n"
-            tasks.append(len(asyncio.all_tasks()))
-            while not live.closed:
-                live.waker.clear()
-                await live.waker.wait(None)  # no deadline: only a close ends this
-            ended.set_result(live.reason)
-
-        await SSEResponse(body(), live, send_timeout_s=30)(scope, receive, send)
+    app = sse_app(ended, at_first=lambda: tasks.append(len(asyncio.all_tasks())))
 
     async with serving(wrapped(app), http) as port:
         idle = len(asyncio.all_tasks())  # this test's and the server's own
@@ -209,20 +218,7 @@ async def test_a_finished_response_leaves_no_garbage_cycle(http: str, how: str) 
     of the garbage collector, which the API's thresholds make rare: an API process grew by every
     connection it had served. With the collector off, the response's Liveness must still go."""
     ended: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        live = CountedLiveness(Waker())
-
-        async def body() -> AsyncIterator[bytes]:
-            yield b"data: hi\n\n"
-            while how == "client_leaves" and not live.closed:
-                live.waker.clear()
-                await live.waker.wait(None)
-
-        await SSEResponse(body(), live, send_timeout_s=30)(scope, receive, send)
-        ended.set_result(live.reason)
+    app = sse_app(ended, hold=how == "client_leaves", make_live=CountedLiveness)
 
     gc.collect()
     before = CountedLiveness.alive
