@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,14 @@ class ProbeOptions(BaseModel):
     delay_ms: float = Field(0, ge=0)
 
 
+class Running:
+    """Held by each run's frame and nothing else: a test sees, without the garbage collector,
+    whether a run's frames are freed when it ends (`RUNNING` loses it) or kept by a cycle."""
+
+
+RUNNING: weakref.WeakSet[Running] = weakref.WeakSet()
+
+
 def _record(path: str, event: str, **extra: object) -> None:
     with Path(path).open("ab") as f:
         f.write(orjson.dumps({"event": event, "t": time.time(), **extra}) + b"\n")
@@ -37,6 +46,8 @@ def records(path: Path) -> list[dict[str, object]]:
 
 async def probe(prompt: str, options: ProbeOptions, ctx: TaskContext) -> AsyncIterator[str]:
     _record(options.record, "started", source=ctx.source)
+    running = Running()
+    RUNNING.add(running)
     sent = 0
     try:
         await asyncio.sleep(options.delay_ms / 1000)
