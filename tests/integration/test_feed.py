@@ -421,6 +421,47 @@ async def test_a_connection_that_cannot_take_bytes_goes_back_to_send(hub: Hub, s
     assert_shape(reader)
 
 
+@pytest.mark.parametrize("sends", ["direct"], indirect=True)
+async def test_slow_slots_go_out_from_a_timer_while_the_stream_is_parked(hub: Hub, store: Store) -> None:
+    """While B runs, each slow slot's delta is written by a timer callback (the body's task stays
+    parked); a connection that cannot take bytes gets them from the task's sends instead."""
+    sid = await running_stream(store)
+    reader = await open_reader(hub, store, sid, slow=0.02)
+    got: list[SinkWriter] = []
+    task = asyncio.create_task(run_reader(reader, hub, store, sid, writer=got))
+    await write(store, sid, "a", 200, pause=0, max_batch=50, terminal=[])  # a backlog, held back
+
+    async def slow_deltas(n: int) -> None:  # waited for, not slept: a busy machine stalls
+        for _ in range(1000):
+            if sum(m.event == "delta" for m in reader.messages) >= n:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"fewer than {n} slow deltas")
+
+    await slow_deltas(10)
+    writer = got[0]
+    assert writer.writes >= 8  # (the first slots may be the task's: its first sends, the read)
+    writer.paused = True
+    before, sent = writer.writes, sum(m.event == "delta" for m in reader.messages)
+    await slow_deltas(sent + 4)
+    assert writer.writes == before  # not written from the callback while it cannot take bytes
+    writer.paused = False
+    await slow_deltas(sent + 8)
+    assert writer.writes > before
+    await store.finish(sid, ["b"], done_fields(0))
+    await store.finish(sid, ["a"], done_fields(200))
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert_shape(reader)
+    assert reader.phases() == ["slow", "flush", "b"]
+    msgs = reader.messages
+    flush = next(i for i, m in enumerate(msgs) if m.event == "phase" and m.data["phase"] == "flush")
+    slow = [m for m in msgs[:flush] if m.event == "delta"]
+    assert len(slow) < 100  # not all 200: A was paced while B ran
+    # One per slot: a late slot does not make the next one early by more than it was late.
+    assert slow[-1].t - slow[0].t >= 0.015 * (len(slow) - 1)
+
+
 class BrokenPacer(CheckedPacer):
     """Raises (a bug) from its n-th look at an event in the hub's loop on (poll, or the fast lane's
     `passes`)."""
