@@ -98,7 +98,7 @@ async def drain(body: AsyncIterator[bytes], sink: Sink) -> None:
         sink.n += 1
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=6.0)
@@ -115,7 +115,11 @@ def main() -> None:
         f"{r['slots']:,} slots sent, CPU {r['cpu_s']:.2f} s, {r['us_per_slot']:.1f} µs per slot, "
         f"{r['young_gcs']} young GC collections"
     )
+    if not r["slots"]:
+        print("PROBLEM: no slot was sent")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
