@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import orjson
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss, job_key_prefix
+from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,7 +26,7 @@ from api.sse import event_stream
 from shared.background import settled
 from shared.cursor import START, Cursor, CursorError
 from shared.events import Event
-from shared.keys import SOURCES, Source
+from shared.keys import SOURCES, WAKE, Source
 from shared.pacing import Pacer, Phase
 from shared.settings import Settings
 from shared.store import Command, Store, is_terminal, now_ms, token_matches
@@ -124,7 +124,9 @@ async def create_stream(body: CreateStream, state: StateDep, authorization: Anno
             job_id = state.store.keys.job_id(stream_id, src)
             job = serialize_job(JOB_NAME, (stream_id, src), {}, None, now, serializer=state.redis.job_serializer)
             commands += [("PSETEX", job_key_prefix + job_id, state.redis.expires_extra_ms, job), ("ZADD", s.queue_name, now, job_id)]
-        return commands
+        # The workers start the jobs now rather than at their next poll (up to
+        # TANDEM_WORKER_POLL_DELAY_S later): half of a stream's time to first token at low load.
+        return [*commands, ("PUBLISH", state.store.keys.jobs, WAKE)]
 
     try:
         created = await state.store.create(prompt=body.prompt, tasks=tasks, pacing=pacing, also=enqueue)
@@ -343,7 +345,7 @@ async def cancel_stream(
     store = state.store
     # Terminal `cancelled` entries first (readers see them at once), then arq stops the jobs.
     await store.cancel(stream_id)
-    await state.redis.zadd(abort_jobs_ss, {store.keys.job_id(stream_id, src): now_ms() for src in SOURCES})
+    await store.abort_jobs(stream_id)
     log.info("stream cancelled", extra={"stream": stream_id})
     meta = await store.meta(stream_id) or meta
     return JSONBody(await store.status(stream_id, meta))

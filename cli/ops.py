@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -499,7 +499,7 @@ class Ops:
         if before not in ("completed", "failed", "cancelled"):
             # The same two writes as DELETE /v1/streams/{id}: terminal entries first, then arq aborts.
             written = await store.cancel(stream_id)
-            await self.redis.zadd(abort_jobs_ss, {self.keys.job_id(stream_id, src): now_ms() for src in SOURCES})
+            await store.abort_jobs(stream_id)
         after = await self.meta(stream_id)
         return {
             "id": stream_id,

@@ -11,6 +11,7 @@ from typing import Literal
 
 Source = Literal["a", "b"]
 SOURCES: tuple[Source, Source] = ("a", "b")
+WAKE = "poll"  # the message published on `Keys.jobs` (its content is not read: any message wakes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,12 @@ class Keys:
     def hub(self) -> str:
         """Pub/sub channel every API hub subscribes to, so its pub/sub connection always exists."""
         return f"{self.prefix}:hub"
+
+    @property
+    def jobs(self) -> str:
+        """Pub/sub channel: a job was enqueued or an abort requested; every worker polls arq's
+        queue at once instead of at its next poll (workers/wakeup.py)."""
+        return f"{self.prefix}:jobs"
 
     @property
     def running(self) -> str:

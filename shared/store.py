@@ -38,7 +38,7 @@ from shared.events import (
     events_from_rows,
     fields_dict,
 )
-from shared.keys import SOURCES, Keys, Source
+from shared.keys import SOURCES, WAKE, Keys, Source
 from shared.mux import Mux, checked
 from shared.settings import Settings
 
@@ -742,8 +742,11 @@ class Store:
         return read
 
     async def abort_jobs(self, stream_id: str) -> None:
-        """Ask arq to cancel both sources' jobs (it looks every poll_delay), as DELETE does."""
-        await self.redis.zadd(abort_jobs_ss, {self.keys.job_id(stream_id, src): now_ms() for src in SOURCES})
+        """Ask arq to cancel both sources' jobs, as DELETE does, and wake the workers to look now."""
+        async with self.redis.pipeline(transaction=False) as p:
+            p.zadd(abort_jobs_ss, {self.keys.job_id(stream_id, src): now_ms() for src in SOURCES})
+            p.publish(self.keys.jobs, WAKE)
+            await p.execute()
 
     async def trim_index(self, after: float, before_ms: int, limit: int) -> tuple[int, float]:
         """Drop index entries, created in [after, before_ms], whose stream has expired. Returns how

@@ -26,11 +26,13 @@ from redis.exceptions import WatchError
 from shared.gcpolicy import tune_gc
 from shared.settings import Settings
 from shared.store import Store
+from shared.waker import Waker
 from workers.job import run_source
 from workers.lease import BACKOFF_MAX_S, REDIS_ERRORS, Sweeper, redis_retry
 from workers.metrics import start_worker_ops, stop_worker_ops
 from workers.pipe import AppendPipe
 from workers.registry import load_registry
+from workers.wakeup import Wakeup
 
 JOB_NAME = "run_source"
 JOB_TIMEOUT_MARGIN_S = 60  # arq's own timeout stays behind the job's (TANDEM_MAX_STREAM_S)
@@ -79,9 +81,16 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         await start_worker_ops(ctx, settings)  # /metrics on TANDEM_WORKER_METRICS_PORT, heartbeat for `tandem stats`
         sweeper = ctx["sweeper"] = Sweeper(ctx["store"], settings, ctx["worker_id"])
         sweeper.start()  # ends the sources of dead workers (leases), orphans, index trim
+        poll_now = ctx.get("poll_now")
+        if poll_now is not None:  # (TandemWorker's) a job enqueued is started at once
+            wakeup = ctx["wakeup"] = Wakeup(settings, ctx["store"].keys.jobs, poll_now)
+            wakeup.start()
         tune_gc()  # thousands of running sources: rare full collections (tail latency)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        wakeup: Wakeup | None = ctx.get("wakeup")
+        if wakeup is not None:
+            await wakeup.stop()
         sweeper: Sweeper | None = ctx.get("sweeper")
         if sweeper is not None:
             await sweeper.stop()
@@ -176,6 +185,9 @@ class TandemWorker(Worker):
         # The CancelledError that ended each cancelled job, until arq is done with it (run_job).
         self.cancelled: dict[str, BaseException] = {}
         self.ctx["job_cancelled"] = self.cancelled.__setitem__
+        # Set by a message on the jobs channel (workers/wakeup.py): poll now, not at the next tick.
+        self._poll_now = Waker()
+        self.ctx["poll_now"] = self._poll_now.set
         self._down_since = 0.0
         self._backoff = 0.1
         self._claim: AsyncScript | None = None  # registered once arq has made its pool
@@ -185,7 +197,21 @@ class TandemWorker(Worker):
     async def main(self) -> None:
         if self._pool is None:
             self._pool = await self._bounded_pool()
-        await super().main()
+        if self.burst:
+            await super().main()
+            return
+        # arq's main without burst mode, its poll loop waiting on the jobs channel too: a poll
+        # every poll_delay, or at once when woken (a wake during a poll starts the next at once).
+        log.info("worker starting", extra={"functions": sorted(self.functions), "queue": self.queue_name})
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        loop = asyncio.get_running_loop()
+        while True:
+            self._poll_now.clear()
+            began = loop.time()
+            await self._poll_iteration()
+            await self._poll_now.wait(began + self.poll_delay_s)
 
     async def _bounded_pool(self) -> ArqRedis:
         """arq's client on a pool of at most `redis_pool_size` connections
