@@ -7,7 +7,7 @@
 
 `worker`: Redis at TANDEM_REDIS_URL answers from this container, and a Redis connection from this
 container's address other than the check's own ran a command within --max-idle seconds. An arq
-worker polls its queue every TANDEM_WORKER_POLL_DELAY_S (0.1 s) and jobs write as they run, so a
+worker polls its queue at least every TANDEM_WORKER_POLL_DELAY_S (0.02 s) and jobs write as they run, so a
 worker whose event loop is stuck, or that lost its connection, turns unhealthy. arq's own
 `<queue>:health-check` key is not used: it is shared by every worker of the queue, refreshed once an
 hour, and deleted by whichever worker stops first. Where CLIENT LIST is not allowed (some managed
