@@ -33,12 +33,14 @@ class Wakeup:
     """One pub/sub subscription to ``Keys.jobs``; `wake` is called for each message, and once
     each time the subscription is (re)made: a job enqueued while it was down is found then."""
 
-    def __init__(self, settings: Settings, channel: str, wake: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, channel: str, wake: Callable[[], None], *, heard_s: float = HEARD_S) -> None:
         self._settings = settings
         self._channel = channel
         self._wake = wake
+        self._heard_s = heard_s
         self._task: asyncio.Task[None] | None = None
-        self.subscribed = asyncio.Event()  # (tests) the subscription is up
+        self.subscribed = asyncio.Event()  # the subscription is up
+        self.subscriptions = 0  # times it was made
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tandem-worker-wakeup")
@@ -48,21 +50,21 @@ class Wakeup:
         self._task = None
 
     async def _run(self) -> None:
-        backoff, first = BACKOFF_FIRST_S, True
+        backoff, logged = BACKOFF_FIRST_S, False
         while True:
+            made = self.subscriptions
             try:
                 await self._listen()
                 continue  # it went silent: subscribe again at once
             except Exception as e:
-                was_up = self.subscribed.is_set()
-                self.subscribed.clear()
-                if was_up or first:  # once per outage
-                    backoff = BACKOFF_FIRST_S
+                if self.subscriptions != made:  # it was up: a new outage
+                    backoff, logged = BACKOFF_FIRST_S, False
+                if not logged:  # once per outage
+                    logged = True
                     if isinstance(e, REDIS_ERRORS):
                         log.info("job wake-ups unavailable; the worker polls on its timer until Redis answers", extra={"error": str(e) or type(e).__name__})
                     else:
                         log.warning("job wake-ups failed; the worker polls on its timer meanwhile", exc_info=True)
-                first = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -79,10 +81,10 @@ class Wakeup:
                 heard = loop.time()
                 pinged = False
                 while True:
-                    msg = await ps.get_message(timeout=HEARD_S)
+                    msg = await ps.get_message(timeout=self._heard_s)
                     now = loop.time()
                     if msg is None:
-                        if now - heard >= 2 * HEARD_S:
+                        if now - heard >= 2 * self._heard_s:
                             log.info("job wake-ups went silent; subscribing again")
                             return
                         if not pinged:
@@ -92,11 +94,12 @@ class Wakeup:
                     heard, pinged = now, False
                     kind = msg.get("type")
                     if kind == "subscribe":
-                        if not self.subscribed.is_set():
-                            log.info("job wake-ups subscribed", extra={"channel": self._channel})
+                        log.info("job wake-ups subscribed", extra={"channel": self._channel})
+                        self.subscriptions += 1
                         self.subscribed.set()
                         self._wake()
                     elif kind == "message":
                         self._wake()
         finally:
+            self.subscribed.clear()
             await redis.aclose()

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 import workers.settings as worker_settings
 from api.app import create_app
-from shared.keys import SOURCES
+from shared.keys import SOURCES, WAKE, Keys
 from shared.settings import Settings
 from shared.store import Store
 from tests.tasks_probe import RUNNING, records
@@ -141,3 +141,33 @@ async def test_a_published_job_starts_without_waiting_for_the_next_poll(settings
                 await _until(lambda: started(record) == 6, "the next stream's sources started", timeout_s=20.0)
             finally:
                 await admin.aclose()
+
+
+async def test_a_silent_subscription_is_made_again(settings: Settings, redis: Redis) -> None:
+    """workers/wakeup.py: a subscription that hears nothing, not even the answer to its PING, for
+    twice `heard_s` is replaced (a connection can die without an error: a partition, a paused or
+    frozen Redis); each subscription made wakes the worker once, for what was enqueued meanwhile."""
+    woken = 0
+
+    def wake() -> None:
+        nonlocal woken
+        woken += 1
+
+    channel = Keys(settings.key_prefix).jobs
+    wakeup = Wakeup(settings, channel, wake, heard_s=0.2)
+    wakeup.start()
+    try:
+        await asyncio.wait_for(wakeup.subscribed.wait(), 10.0)
+        assert (wakeup.subscriptions, woken) == (1, 1)
+        assert await redis.publish(channel, WAKE) == 1
+        await _until(lambda: woken == 2, "a wake per message")
+        # Redis answers no one for 1.5 s: the PING goes unanswered, and after 0.4 s of silence
+        # the subscription is made again on a new connection (once Redis answers).
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        await _until(lambda: wakeup.subscriptions == 2, "a new subscription")
+        assert woken == 3
+        await _until(lambda: wakeup.subscribed.is_set(), "the subscription")
+        assert await redis.publish(channel, WAKE) == 1  # one subscriber: the old connection is gone
+        await _until(lambda: woken == 4, "a wake per message")
+    finally:
+        await wakeup.stop()
