@@ -121,21 +121,11 @@ async def event_stream(
             timer, parked_until = None, None
 
     def tick() -> None:
-        """The pacer's slot has come while the task is parked (see `timer`)."""
+        """The pacer's slot has come while the task is parked (see `timer`): sent as an
+        announcement's events are."""
         nonlocal timer, parked_until
         timer, parked_until = None, None
-        writer = writer_now()
-        if writer is None or feed.must_read_first():
-            feed.waker.set()
-            return
-        try:
-            chunk, wake_at = due(loop.time())
-            if chunk is not None:
-                writer.write(chunk)
-        except Exception:
-            failed()
-            return
-        served(wake_at)
+        deliver()
 
     def deliver() -> None:
         """The feed took in an announcement (in the hub's callback). While this stream is parked
@@ -229,8 +219,6 @@ async def event_stream(
                     timer.cancel()
                     timer = None
     finally:
-        on_slot = None
-        if timer is not None:
-            timer.cancel()
+        on_slot = None  # (no timer is left: the wait's own `finally` cancels it)
         feed.notify, feed.send = feed.waker.set, None
         on_close()
