@@ -220,9 +220,10 @@ return results
 
 # KEYS: meta, running, lease(src), arq queue, arq job key, arq retry key
 # ARGV: src, worker, lease_deadline_ms, stream_id, now_ms, lease_ttl_ms, job_id
-# Returns the source's state before the call ('queued' means this caller now runs it). The claim
-# takes the source's lease; a repeated claim by the same worker (a retry whose reply was lost)
-# answers 'queued' again.
+# Returns {the source's state before the call, the stream's meta hash (flat) when the claim is
+# this caller's}: 'queued' means this caller now runs it, and gets the task's name and options in
+# the same round trip. The claim takes the source's lease; a repeated claim by the same worker (a
+# retry whose reply was lost) answers 'queued' again.
 # The claim also takes the job out of arq's queue. arq leaves a running job in its queue until it
 # finishes, and every worker re-examines every queued id on every poll (three round trips each),
 # so with thousands of sources running, job starts queued up behind seconds of re-checks. From
@@ -233,7 +234,7 @@ _START = r"""
 local st = redis.call('HGET', KEYS[1], ARGV[1] .. '_state')
 if st == 'running' and redis.call('HGET', KEYS[1], ARGV[1] .. '_worker') == ARGV[2]
    and redis.call('GET', KEYS[3]) == ARGV[2] then
-  return 'queued'
+  return {'queued', redis.call('HGETALL', KEYS[1])}
 end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], ARGV[1] .. '_state', 'running', ARGV[1] .. '_worker', ARGV[2],
@@ -247,8 +248,9 @@ if st == 'queued' then
     redis.call('PEXPIRE', KEYS[5], ttl)
     redis.call('PEXPIRE', KEYS[6], ttl)
   end
+  return {'queued', redis.call('HGETALL', KEYS[1])}
 end
-return st or false
+return {st or false}
 """
 
 # KEYS: meta, a, b, lease:a, lease:b, running
@@ -512,14 +514,20 @@ class Store:
     async def start(self, stream_id: str, source: Source, worker: str) -> str | None:
         """Claim a queued source and take its lease. Returns its state before the call; 'queued'
         means it is ours (also when this worker's own claim is retried)."""
+        return (await self.start_source(stream_id, source, worker))[0]
+
+    async def start_source(self, stream_id: str, source: Source, worker: str) -> tuple[str | None, dict[str, str]]:
+        """`start`, and the stream's meta when the claim is ours (else {}): what a worker needs to
+        run the source, read in the claim's own round trip."""
         k, now = self.keys, now_ms()
         job_id = k.job_id(stream_id, source)
-        st = await self._start(
+        reply = await self._start(
             keys=[k.meta(stream_id), k.running, k.lease(stream_id, source), self.settings.queue_name,
                   job_key_prefix + job_id, retry_key_prefix + job_id],
             args=[source, worker, now + self.lease_ttl_ms, stream_id, now, self.lease_ttl_ms, job_id],
         )
-        return _s(st) if st else None
+        st = _s(reply[0]) if reply[0] else None
+        return st, (_hash(reply[1]) or {}) if len(reply) > 1 else {}
 
     async def append(self, stream_id: str, source: Source, texts: Sequence[str]) -> int:
         """Append deltas to a running source, as its worker would, in a few round trips: for tests
@@ -836,7 +844,11 @@ def _member(raw: Any) -> tuple[str, Source] | None:
 
 
 async def _meta_reply(reply: Awaitable[Any]) -> dict[str, str] | None:
-    flat = checked(await reply)
+    return _hash(checked(await reply))
+
+
+def _hash(flat: list[Any]) -> dict[str, str] | None:
+    """An HGETALL reply as a dict; None for a missing key."""
     return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)} or None
 
 

@@ -60,7 +60,7 @@ async def _run_source(ctx: dict[str, Any], stream_id: str, source: str) -> str:
     registry: Registry = ctx["registry"]
     worker_id: str = ctx["worker_id"]
 
-    before = await redis_retry(partial(store.start, stream_id, src, worker_id), "start", stream_id)
+    before, meta = await redis_retry(partial(store.start_source, stream_id, src, worker_id), "start", stream_id)
     started = ctx.get("job_started")
     if started is not None:
         started(ctx.get("job_id"))  # the worker may claim another job (TANDEM_WORKER_PREFETCH)
@@ -77,15 +77,12 @@ async def _run_source(ctx: dict[str, Any], stream_id: str, source: str) -> str:
     lease = Lease(store, stream_id, src, worker_id, renew=ctx["pipe"].renew)
     lease.start()
     try:
-        return await _run(ctx, store, registry, stream_id, src, lease)
+        return await _run(ctx, store, registry, stream_id, src, lease, meta)
     finally:
         await lease.stop()
 
 
-async def _run(ctx: dict[str, Any], store: Store, registry: Registry, stream_id: str, src: Source, lease: Lease) -> str:
-    meta = await redis_retry(partial(store.meta, stream_id), "meta", stream_id)
-    if meta is None:
-        return "gone"
+async def _run(ctx: dict[str, Any], store: Store, registry: Registry, stream_id: str, src: Source, lease: Lease, meta: dict[str, str]) -> str:
     name = meta[f"{src}_task"]
     task = registry.get(name)
     if task is None:

@@ -146,6 +146,22 @@ async def test_start_claims_once(store: Store, redis: Redis) -> None:
     assert await store.start("no-such-stream", "a", "w1") is None
 
 
+async def test_a_claim_reads_the_meta_only_when_it_is_ours(store: Store) -> None:
+    # The worker takes the task's name and options from the claim's reply (no second round trip).
+    sid = await new_stream(store)
+    before, meta = await store.start_source(sid, "a", "w1")
+    assert before == "queued"
+    assert meta == await store.meta(sid)
+    assert meta["a_state"] == "running" and meta["a_worker"] == "w1" and meta["a_task"] == "simulated"
+    # The same worker's claim again (its first reply was lost): still ours, with the meta.
+    assert await store.start_source(sid, "a", "w1") == ("queued", meta)
+    # Someone else's claim, a terminal source, a stream that is gone: no meta.
+    assert await store.start_source(sid, "a", "w2") == ("running", {})
+    await store.finish(sid, ["b"], error_fields("cancelled", "x"))
+    assert await store.start_source(sid, "b", "w1") == ("cancelled", {})
+    assert await store.start_source("no-such-stream", "a", "w1") == (None, {})
+
+
 async def test_claim_takes_the_job_out_of_arqs_queue(store: Store, redis: Redis) -> None:
     # arq leaves a running job in its queue, where every worker re-checks it on every poll; once
     # the source is claimed (and leased) the job leaves the queue, and its record lives no longer
