@@ -246,6 +246,15 @@ def assert_shape(reader: Reader) -> None:
     assert ph == sorted(set(ph), key=order.index)
 
 
+async def ended_slow_flush_b(reader: Reader, store: Store, sid: str, task: asyncio.Task[Reader]) -> None:
+    """The reader's run ended with the whole stream exactly once, A paced while B ran, then
+    flushed, then B."""
+    await task
+    assert reader.events() == await expected(store, sid)
+    assert_shape(reader)
+    assert reader.phases() == ["slow", "flush", "b"]
+
+
 @pytest.fixture
 async def cstore(redis: Redis, settings: Settings) -> CountingStore:
     return CountingStore(redis, settings)
@@ -350,10 +359,7 @@ async def test_slow_then_flush_when_b_completes(hub: Hub, store: Store) -> None:
     loop = asyncio.get_running_loop()
     b_done_at = loop.time()
     await store.finish(sid, ["b"], done_fields(0))
-    await task
-    assert reader.events() == await expected(store, sid)
-    assert_shape(reader)
-    assert reader.phases() == ["slow", "flush", "b"]
+    await ended_slow_flush_b(reader, store, sid, task)
     msgs = reader.messages
     flush = next(m for m in msgs if m.event == "phase" and m.data["phase"] == "flush")
     slow_deltas = [m for m in msgs if m.event == "delta" and m.chunk < flush.chunk]
@@ -450,10 +456,7 @@ async def test_slow_slots_go_out_from_a_timer_while_the_stream_is_parked(hub: Hu
     assert writer.writes > before
     await store.finish(sid, ["b"], done_fields(0))
     await store.finish(sid, ["a"], done_fields(200))
-    await task
-    assert reader.events() == await expected(store, sid)
-    assert_shape(reader)
-    assert reader.phases() == ["slow", "flush", "b"]
+    await ended_slow_flush_b(reader, store, sid, task)
     msgs = reader.messages
     flush = next(i for i, m in enumerate(msgs) if m.event == "phase" and m.data["phase"] == "flush")
     slow = [m for m in msgs[:flush] if m.event == "delta"]
@@ -754,10 +757,7 @@ async def test_while_b_runs_a_backlog_waits_in_redis_and_flushes_when_b_complete
     flush_at = len(reader.messages)
     await store.finish(sid, ["b"], done_fields(0))
     await store.finish(sid, ["a"], done_fields(150))
-    await task
-    assert reader.events() == await expected(store, sid)
-    assert_shape(reader)
-    assert reader.phases() == ["slow", "flush", "b"]
+    await ended_slow_flush_b(reader, store, sid, task)
     assert held_while_slow <= 6
     assert reads_while_slow >= 2  # refilled from Redis while slow, not held
     assert reader.pacer.max_pending["a"] <= 64
